@@ -1,0 +1,136 @@
+"""VTP gates: learnable per-dimension importance vectors in every transformer block (Zhu et al. 2021).
+
+| site         | multiplies                                   | folded into            |
+|--------------|----------------------------------------------|------------------------|
+| `attn_in`    | input features of qkv (after norm1)          | columns of qkv         |
+| `attn_out`   | attention output before proj (per head)      | columns of proj        |
+| `mlp_in`     | input features of fc1 (after norm2)          | columns of fc1         |
+| `mlp_hidden` | hidden activation before fc2                 | columns of fc2         |
+| `qk`         | shared query/key head dims (optional)        | rows of q and k in qkv |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vitprune.models import ModelError, PrunableAttention, PrunableMlp, _gate, make_prunable, vit_blocks
+
+DEFAULT_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
+ALL_SITES = DEFAULT_SITES + ("qk",)
+# site -> (module attribute of the block, gate parameter name)
+SITE_SLOT = {"attn_in": ("attn", "gate_in"), "attn_out": ("attn", "gate_out"), "qk": ("attn", "gate_qk"),
+             "mlp_in": ("mlp", "gate_in"), "mlp_hidden": ("mlp", "gate_hidden")}
+
+
+def _site_size(attn: PrunableAttention, mlp: PrunableMlp, site: str) -> int:
+    return {"attn_in": attn.qkv.in_features, "attn_out": attn.num_heads * attn.v_head_dim,
+            "qk": attn.num_heads * attn.qk_head_dim, "mlp_in": mlp.fc1.in_features,
+            "mlp_hidden": mlp.fc1.out_features}[site]
+
+
+def _check_exact(i: int, attn: PrunableAttention, mlp: PrunableMlp, site: str) -> None:
+    """Refuse sites whose gate could not be folded or pruned exactly in this block."""
+    if site == "qk" and not isinstance(attn.q_norm, nn.Identity):
+        raise ModelError(f"gate site 'qk' cannot be exact in block {i}: the model uses qk-norm, which "
+                         "renormalises the query/key dims; use the other sites")
+    if site == "attn_out" and not isinstance(attn.norm, nn.Identity):
+        raise ModelError(f"gate site 'attn_out' cannot be exact in block {i}: attention scale_norm mixes the dims")
+    if site == "mlp_hidden" and not isinstance(mlp.norm, nn.Identity):
+        raise ModelError(f"gate site 'mlp_hidden' cannot be exact in block {i}: scale_mlp_norm mixes the dims")
+
+
+def attach_gates(model: nn.Module, sites: Iterable[str] = DEFAULT_SITES) -> nn.Module:
+    """Add ones-initialised gates at `sites` in every block (in place); timm's own weight keys are unchanged."""
+    sites = tuple(sites)
+    unknown = [s for s in sites if s not in ALL_SITES]
+    if unknown or not sites:
+        raise ModelError(f"unknown gate sites {unknown or sites}; accepted: {', '.join(ALL_SITES)}")
+    blocks = vit_blocks(model)
+    make_prunable(model)
+    for i, block in enumerate(blocks):
+        for site in sites:
+            _check_exact(i, block.attn, block.mlp, site)
+        for site in sites:
+            owner, name = SITE_SLOT[site]
+            module = getattr(block, owner)
+            if getattr(module, name) is None:
+                size = _site_size(block.attn, block.mlp, site)
+                setattr(module, name, _gate(size).to(module_device(module)))
+    return model
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def gate_parameters(model: nn.Module) -> dict[tuple[int, str], nn.Parameter]:
+    """{(block_index, site): gate parameter} for every attached gate."""
+    gates = {}
+    for i, block in enumerate(model.blocks):
+        for site, (owner, name) in SITE_SLOT.items():
+            g = getattr(getattr(block, owner), name, None)
+            if g is not None:
+                gates[(i, site)] = g
+    return gates
+
+
+def is_gate(name: str) -> bool:
+    """Whether a parameter name (from named_parameters) is a VTP gate."""
+    return name.rsplit(".", 1)[-1] in ("gate_in", "gate_out", "gate_qk", "gate_hidden")
+
+
+def l1_penalty(model: nn.Module, weight: float = 1e-4) -> torch.Tensor:
+    """lambda * sum |g| over every gate (zero when no gates are attached)."""
+    gates = list(gate_parameters(model).values())
+    if not gates:
+        return torch.zeros((), device=module_device(model))
+    return weight * torch.stack([g.abs().sum() for g in gates]).sum()
+
+
+@torch.no_grad()
+def fold_gates(model: nn.Module) -> nn.Module:
+    """Multiply every gate into the adjacent weights and remove it (in place); the function is unchanged."""
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if isinstance(attn, PrunableAttention):
+            h, dqk = attn.num_heads, attn.qk_head_dim
+            if attn.gate_in is not None:
+                attn.qkv.weight.mul_(attn.gate_in)
+            if attn.gate_qk is not None:  # q and k rows both scaled by g: logits scale by g^2 as gated
+                scale = torch.ones(attn.qkv.out_features, device=attn.gate_qk.device)
+                scale[: 2 * h * dqk] = attn.gate_qk.repeat(2)
+                attn.qkv.weight.mul_(scale[:, None])
+                if attn.qkv.bias is not None:
+                    attn.qkv.bias.mul_(scale)
+            if attn.gate_out is not None:
+                attn.proj.weight.mul_(attn.gate_out)
+            attn.gate_in = attn.gate_qk = attn.gate_out = None
+        if isinstance(mlp, PrunableMlp):
+            if mlp.gate_in is not None:
+                mlp.fc1.weight.mul_(mlp.gate_in)
+            if mlp.gate_hidden is not None:
+                mlp.fc2.weight.mul_(mlp.gate_hidden)
+            mlp.gate_in = mlp.gate_hidden = None
+    return model
+
+
+@torch.no_grad()
+def gate_statistics(model: nn.Module, thresholds: Iterable[float] = (1e-2, 1e-1, 0.5)) -> dict[str, float]:
+    """Mean |g| and the fraction of gates below each threshold, overall and per site."""
+    gates = gate_parameters(model)
+    if not gates:
+        return {}
+    stats: dict[str, float] = {}
+    groups: dict[str, list[torch.Tensor]] = {"all": []}
+    for (_, site), g in gates.items():
+        groups["all"].append(g.abs().flatten())
+        groups.setdefault(site, []).append(g.abs().flatten())
+    for group, values in groups.items():
+        v = torch.cat(values)
+        stats[f"gate_mean/{group}"] = float(v.mean())
+        for t in thresholds:
+            stats[f"gate_below_{t:g}/{group}"] = float((v < t).float().mean())
+    return stats

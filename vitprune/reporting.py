@@ -1,0 +1,337 @@
+"""Stage records, figures and tables: one plot style, PNG + PDF, tables as Markdown, CSV and LaTeX.
+
+A notebook opens its stage with `Stage(...)`, reads earlier stages' records with `require`, saves
+figures/tables (staged under runs/<set>/staging/<stage>/) and calls `finish`, which publishes them
+into figures/<set>/ and writes the stage record. A stage that fails half-way leaves figures/ as it was,
+and a file already owned by another notebook is refused, so each file has exactly one author.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from vitprune.models import atomic_write  # noqa: E402
+from vitprune.params import Params, load_params  # noqa: E402
+
+STAGES = ("01_sparse_training", "02_scoring", "03_pruning", "04_svd", "05_qr", "06_lu", "07_finetuning",
+          "08_comparison")
+MANIFEST = "MANIFEST.json"
+TIMING_COLUMNS = ("latency", "time", "_ms", "_s")  # measured, so excluded from reproducibility checks
+
+
+class MissingStageError(RuntimeError):
+    """An earlier stage's output is absent; the message names the notebook to run first."""
+
+
+# ---------------------------------------------------------------- style
+
+def use_style() -> None:
+    """The one plot style of every figure."""
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight", "figure.figsize": (6, 4),
+                         "pdf.fonttype": 42, "axes.titleweight": "bold"})
+
+
+def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
+    """Write `stem`.png and `stem`.pdf atomically (PDF without a creation date, so reruns match)."""
+    paths = []
+    for ext, meta in ((".png", {"Software": None}), (".pdf", {"CreationDate": None, "Producer": None})):
+        path = stem.with_suffix(ext)
+        atomic_write(path, lambda tmp, ext=ext, meta=meta: fig.savefig(tmp, format=ext[1:], metadata=meta))
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table."""
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else ":---" for c in df.columns) + "|"
+    rows = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def save_table(df: pd.DataFrame, stem: Path) -> list[Path]:
+    """Write `stem`.md, .csv and .tex atomically."""
+    writers = {".md": lambda tmp: Path(tmp).write_text(markdown_table(df)),
+               ".csv": lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"),
+               ".tex": lambda tmp: Path(tmp).write_text(df.to_latex(index=False, float_format="%.4g", escape=True))}
+    paths = []
+    for ext, write in writers.items():
+        atomic_write(stem.with_suffix(ext), write)
+        paths.append(stem.with_suffix(ext))
+    return paths
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=float)))
+    return path
+
+
+def reproducible_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The table without measured-time columns (latency, durations), which differ run to run."""
+    return df[[c for c in df.columns if not any(t in c.lower() for t in TIMING_COLUMNS)]]
+
+
+# ---------------------------------------------------------------- stages
+
+def project_base(params_file: str | Path) -> Path:
+    """Where relative paths resolve: the working directory, or the project root when run from notebooks/."""
+    if Path(params_file).is_absolute() or Path(params_file).exists():
+        return Path(".")
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / params_file).exists() else Path(".")
+
+
+class Stage:
+    """A notebook's handle on its parameters, inputs and outputs."""
+
+    def __init__(self, name: str, params_file: str, overrides: dict[str, Any] | None = None,
+                 runs_root: str | Path = "runs", figures_root: str | Path = "figures"):
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; accepted: {', '.join(STAGES)}")
+        self.name = name
+        base = project_base(params_file)
+        self.p: Params = load_params(base / params_file, overrides or {})
+        self.run_dir = base / runs_root / self.p.name
+        self.fig_dir = base / figures_root / self.p.name
+        self.staging = self.run_dir / "staging" / name
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._bundle = None
+        use_style()
+
+    @property
+    def bundle(self):
+        """The dataset of this parameter set (loaded once)."""
+        if self._bundle is None:
+            from vitprune.data import load_data
+
+            self._bundle = load_data(self.p.data, seed=self.p.train.seed)
+        return self._bundle
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        b = self.bundle
+        return (1, b.in_chans, b.image_size, b.image_size)
+
+    def test_batches(self):
+        from vitprune.data import test_batches
+
+        return test_batches(self.bundle, self.p.data.eval_batch_size)
+
+    def calibration(self) -> list:
+        """Fixed un-augmented training batches (Taylor scores, activation-aware SVD)."""
+        from vitprune.data import calibration_batches
+
+        return calibration_batches(self.bundle, self.p.data.calib_batches, self.p.data.batch_size, self.p.train.seed)
+
+    def profile(self, model) -> dict[str, float]:
+        """Test accuracy, params, MACs and measured latency (bench settings of the parameter set)."""
+        from vitprune.metrics import profile_model
+
+        b = self.p.bench
+        return profile_model(model, self.test_batches(), self.input_shape, b.batch_sizes, b.repeats, b.warmup,
+                             b.threads)
+
+    def path(self, filename: str) -> Path:
+        return self.run_dir / filename
+
+    def require(self, stage: str) -> dict[str, Any]:
+        """The record an earlier stage wrote; MissingStageError naming the notebook if it has not run."""
+        path = self.run_dir / f"{stage}.json"
+        if not path.is_file():
+            raise MissingStageError(f"{self.name} needs the output of notebook {stage}.ipynb, which has not run for "
+                                    f"'{self.p.name}' ({path} is missing); run it first: vitprune reproduce "
+                                    f"{self.p.source} --only {int(stage[:2])}")
+        return json.loads(path.read_text())
+
+    def model(self, filename: str, stage: str):
+        """Load a model file an earlier stage wrote (clear error naming that stage if absent)."""
+        from vitprune.models import load_model
+
+        self.require(stage)
+        path = self.run_dir / filename
+        if not path.is_file():
+            raise MissingStageError(f"{path} is missing; re-run notebook {stage}.ipynb")
+        return load_model(path)
+
+    def save_figure(self, fig: plt.Figure, name: str) -> None:
+        save_figure(fig, self.staging / name)
+
+    def save_table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
+        save_table(df, self.staging / name)
+        return df
+
+    def finish(self, record: dict[str, Any]) -> Path:
+        """Publish staged figures/tables into figures/<set>/ and write this stage's record."""
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.fig_dir / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        staged = sorted(p for p in self.staging.iterdir() if p.is_file())
+        for path in staged:
+            owner = manifest.get(path.name)
+            if owner not in (None, self.name):
+                raise RuntimeError(f"{self.fig_dir / path.name} is written by notebook {owner}; "
+                                   f"{self.name} must not write it too")
+        for path in staged:
+            os.replace(path, self.fig_dir / path.name)
+            manifest[path.name] = self.name
+        write_json(manifest_path, dict(sorted(manifest.items())))
+        return write_json(self.run_dir / f"{self.name}.json", {"stage": self.name, "params": self.p.name,
+                                                               "figures": [p.name for p in staged], **record})
+
+
+# ---------------------------------------------------------------- plots
+
+def plot_training_curves(histories: dict[str, list[dict]]) -> plt.Figure:
+    """Test top-1 and training loss per epoch for each named run."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, hist in histories.items():
+        if not hist:
+            continue
+        ep = [r["epoch"] for r in hist]
+        ax1.plot(ep, [r["test_top1"] for r in hist], label=label)
+        ax2.plot(ep, [r["train_loss"] for r in hist], label=label)
+    ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title="Accuracy")
+    ax2.set(xlabel="epoch", ylabel="training loss", title="Loss (incl. L1 term when sparse)")
+    ax1.legend(fontsize=8)
+    return fig
+
+
+def plot_sparsity(history: list[dict]) -> plt.Figure:
+    """Sparsity emerging during sparse training: mean |g| and the fraction of gates below thresholds."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = [r["epoch"] for r in history]
+    sites = sorted({k.split("/")[1] for r in history for k in r if k.startswith("gate_mean/")} - {"all"})
+    for site in ["all", *sites]:
+        ax1.plot(ep, [r[f"gate_mean/{site}"] for r in history], label=site, lw=2.5 if site == "all" else 1.2)
+    thresholds = sorted({k.split("/")[0][len("gate_below_"):] for r in history for k in r
+                         if k.startswith("gate_below_")}, key=float)
+    for t in thresholds:
+        ax2.plot(ep, [100 * r[f"gate_below_{t}/all"] for r in history], label=f"|g| < {t}")
+    ax1.set(xlabel="epoch", ylabel="mean |g|", title="Gate magnitude")
+    ax2.set(xlabel="epoch", ylabel="% of gates", title="Gates below threshold")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    return fig
+
+
+def plot_score_distributions(scores: dict[tuple[int, str], Any]) -> plt.Figure:
+    """Histogram of gate scores per block (rows) and site (columns)."""
+    blocks = sorted({b for b, _ in scores})
+    sites = [s for s in ("attn_in", "qk", "attn_out", "mlp_in", "mlp_hidden") if any(k[1] == s for k in scores)]
+    fig, axes = plt.subplots(len(blocks), len(sites), figsize=(2.6 * len(sites), 1.7 * len(blocks)),
+                             sharex=True, squeeze=False)
+    top = max(float(v.max()) for v in scores.values())
+    bins = np.linspace(0, max(top, 1e-6), 30)
+    for i, b in enumerate(blocks):
+        for j, s in enumerate(sites):
+            ax = axes[i, j]
+            ax.hist(np.asarray(scores[(b, s)]), bins=bins, color=sns.color_palette()[j % 10])
+            if i == 0:
+                ax.set_title(s, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"block {b}")
+    fig.supxlabel("|g|")
+    fig.tight_layout()
+    return fig
+
+
+def plot_kept_dims(archs: dict[str, list[dict[str, int]]], dense: list[dict[str, int]]) -> plt.Figure:
+    """Kept width per block and site for each pruned model (fraction of the dense width)."""
+    cols = ["attn_in", "attn_out", "mlp_in", "mlp_hidden"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), sharey=True)
+    for ax, col in zip(axes, cols):
+        for label, arch in archs.items():
+            ax.plot([r["block"] for r in arch], [_width(r, col) / _width(d, col) for r, d in zip(arch, dense)],
+                    marker="o", label=label)
+        ax.set(title=col, xlabel="block", ylim=(0, 1.05))
+    axes[0].set_ylabel("kept fraction")
+    axes[-1].legend(fontsize=8)
+    return fig
+
+
+def _width(row: dict[str, int], col: str) -> int:
+    return row["heads"] * row["v_head_dim"] if col == "attn_out" else row[col]
+
+
+def plot_spectra(spectra: dict[str, np.ndarray]) -> plt.Figure:
+    """Normalised singular values of each layer type (one line per layer)."""
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in spectra})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for name, s in spectra.items():
+            if name.endswith("." + kind):
+                ax.semilogy(np.arange(1, len(s) + 1) / len(s), s / s[0], label=name.split(".")[1], alpha=0.8)
+        ax.set(title=kind, xlabel="rank / min(in, out)")
+    axes[0, 0].set_ylabel("sigma_i / sigma_1")
+    axes[0, -1].legend(title="block", fontsize=7)
+    return fig
+
+
+def plot_lines(df: pd.DataFrame, x: str, y: str, hue: str, title: str, logx: bool = False,
+               logy: bool = False) -> plt.Figure:
+    """One line per `hue` value."""
+    fig, ax = plt.subplots()
+    sns.lineplot(data=df, x=x, y=y, hue=hue, style=hue, markers=True, dashes=False, ax=ax)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    return fig
+
+
+def with_finetuned(tuned: pd.DataFrame, df: pd.DataFrame, key: str = "variant") -> pd.DataFrame:
+    """`df` plus top1_ft/top5_ft looked up by `key` in the fine-tuning results (indexed by variant)."""
+    df = df.copy()
+    df["top1_ft"] = df[key].map(tuned["top1"])
+    df["top5_ft"] = df[key].map(tuned["top5"])
+    return df
+
+
+def pareto_front(cost: Sequence[float], accuracy: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both lower cost and higher accuracy (by cost)."""
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], -accuracy[i]))
+    front, best = [], -np.inf
+    for i in order:
+        if accuracy[i] > best:
+            front.append(i)
+            best = accuracy[i]
+    return front
+
+
+def plot_accuracy_vs_cost(df: pd.DataFrame, cost: str, acc: str = "top1_ft", label: str = "variant",
+                          family: str = "family") -> plt.Figure:
+    """Accuracy against a cost column for every variant, with the Pareto front."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.scatterplot(data=df, x=cost, y=acc, hue=family, style=family, s=70, ax=ax)
+    front = pareto_front(df[cost].tolist(), df[acc].tolist())
+    pts = df.iloc[front]
+    ax.plot(pts[cost], pts[acc], "k--", lw=1, label="Pareto front")
+    for _, row in pts.iterrows():
+        ax.annotate(str(row[label]), (row[cost], row[acc]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=cost, ylabel=acc, title=f"Accuracy vs {cost}")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -1,0 +1,136 @@
+"""Importance scores per (block, site): VTP gates and three baselines with the same structure.
+
+Scoring is separate from pruning: `plan_pruning` accepts any of these.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitprune.gates import DEFAULT_SITES, SITE_SLOT, _site_size, attach_gates, fold_gates, gate_parameters
+from vitprune.models import make_prunable
+
+Scores = dict[tuple[int, str], torch.Tensor]
+CRITERIA = ("gates", "magnitude", "taylor", "random")
+
+
+class ScoringError(ValueError):
+    """A scoring request that cannot be served; the message names what is missing."""
+
+
+def _sites(model: nn.Module, sites: Iterable[str] | None) -> tuple[str, ...]:
+    if sites is not None:
+        return tuple(sites)
+    present = {site for _, site in gate_parameters(model)}
+    return tuple(s for s in SITE_SLOT if s in present) or DEFAULT_SITES
+
+
+@torch.no_grad()
+def gate_scores(model: nn.Module) -> Scores:
+    """|g| of every gate (VTP's criterion)."""
+    gates = gate_parameters(model)
+    if not gates:
+        raise ScoringError("the model has no gates; attach_gates and sparse-train it, or use a baseline criterion "
+                           "(magnitude, taylor, random)")
+    return {k: g.detach().abs().clone() for k, g in gates.items()}
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module, sites: Iterable[str] | None = None) -> Scores:
+    """L2 norm of all the weights a dim's removal deletes (gates folded in first)."""
+    sites = _sites(model, sites)
+    folded = fold_gates(make_prunable(copy.deepcopy(model)))
+    scores: Scores = {}
+    for b, block in enumerate(folded.blocks):
+        a, m = block.attn, block.mlp
+        h, dqk, dv = a.num_heads, a.qk_head_dim, a.v_head_dim
+        w_qkv = a.qkv.weight
+        for site in sites:
+            if site == "attn_in":
+                sq = w_qkv.square().sum(0)
+            elif site == "attn_out":
+                sq = w_qkv[2 * h * dqk:].square().sum(1) + a.proj.weight.square().sum(0)
+            elif site == "qk":
+                sq = w_qkv[: h * dqk].square().sum(1) + w_qkv[h * dqk: 2 * h * dqk].square().sum(1)
+            elif site == "mlp_in":
+                sq = m.fc1.weight.square().sum(0)
+            else:
+                sq = m.fc1.weight.square().sum(1) + m.fc2.weight.square().sum(0)
+            scores[(b, site)] = sq.sqrt()
+    return scores
+
+
+def taylor_scores(model: nn.Module, batches: Iterable, sites: Iterable[str] | None = None) -> Scores:
+    """First-order Taylor |g * dL/dg| over calibration batches (ones-gates are attached to a copy if absent)."""
+    sites = _sites(model, sites)
+    work = copy.deepcopy(model)
+    attach_gates(work, sites)
+    work.eval()
+    gates = {k: g for k, g in gate_parameters(work).items() if k[1] in sites}
+    for p in work.parameters():
+        p.requires_grad_(False)
+    for g in gates.values():
+        g.requires_grad_(True)
+        g.grad = None
+    device = next(work.parameters()).device
+    seen = 0
+    for x, y in batches:
+        loss = F.cross_entropy(work(x.to(device)), y.to(device))
+        loss.backward()
+        seen += 1
+    if not seen:
+        raise ScoringError("taylor scores need at least one calibration batch")
+    return {k: (g.detach() * g.grad / seen).abs() for k, g in gates.items()}
+
+
+def random_scores(model: nn.Module, sites: Iterable[str] | None = None, seed: int = 0) -> Scores:
+    """Uniform random scores (the floor every criterion must beat)."""
+    sites = _sites(model, sites)
+    make_prunable(model)
+    gen = torch.Generator().manual_seed(seed)
+    return {(b, s): torch.rand(_site_size(blk.attn, blk.mlp, s), generator=gen)
+            for b, blk in enumerate(model.blocks) for s in sites}
+
+
+def importance_scores(model: nn.Module, criterion: str = "gates", batches: Iterable | None = None,
+                      sites: Iterable[str] | None = None, seed: int = 0) -> Scores:
+    """{(block_index, site): scores} by `criterion`: gates (|g|), magnitude, taylor (needs batches), random."""
+    if criterion == "gates":
+        return gate_scores(model)
+    if criterion == "magnitude":
+        return magnitude_scores(model, sites)
+    if criterion == "taylor":
+        if batches is None:
+            raise ScoringError("criterion 'taylor' needs calibration batches (batches=...)")
+        return taylor_scores(model, batches, sites)
+    if criterion == "random":
+        return random_scores(model, sites, seed)
+    raise ScoringError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
+
+
+def save_scores(scores: dict[str, Scores], path) -> None:
+    """Scores of several criteria as one safetensors file (keys criterion/block/site)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from vitprune.models import atomic_write
+
+    flat = {f"{c}/{b}/{s}": v.detach().float().cpu().contiguous() for c, sc in scores.items() for (b, s), v in sc.items()}
+    atomic_write(Path(path), lambda tmp: save_file(flat, tmp))
+
+
+def load_scores(path) -> dict[str, Scores]:
+    """Inverse of `save_scores`."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Scores] = {}
+    for key, value in load_file(str(path)).items():
+        c, b, s = key.split("/")
+        out.setdefault(c, {})[(int(b), s)] = value
+    return out
