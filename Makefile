@@ -19,7 +19,7 @@ $(STAMP): constraints.txt pyproject.toml
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 reproduce: setup
 	$(BIN)/vitprune reproduce $(PARAMS)
@@ -28,7 +28,7 @@ lab: setup
 	$(BIN)/jupyter lab notebooks/
 
 bench: setup
-	$(BIN)/python -m vitprune.bench --out figures/default/bench.json
+	$(BIN)/python -m vitprune.bench --out benchmarks/results.json
 
 lint: setup
 	$(BIN)/ruff check .

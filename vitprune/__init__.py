@@ -16,7 +16,7 @@ from vitprune.gates import attach_gates, fold_gates, gate_parameters, gate_stati
 from vitprune.metrics import count_macs, count_params, evaluate, measure_latency, model_summary
 from vitprune.models import ModelError, build_model, load_model, save_model
 from vitprune.params import Params, ParamsError, load_params
-from vitprune.pruning import PrunePlan, PruneError, plan_pruning, prune, pruned_architecture, zero_dropped
+from vitprune.pruning import PruneError, PrunePlan, plan_pruning, prune, pruned_architecture, zero_dropped
 from vitprune.scoring import ScoringError, importance_scores
 from vitprune.training import TrainConfig, TrainingDiverged, train
 

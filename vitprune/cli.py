@@ -78,7 +78,9 @@ def cmd_prune(args) -> None:
     p, run_dir = _load(args)
     bundle, shape = _data_and_input(p)
     model = vp.load_model(_checkpoint(args, run_dir, "sparse.safetensors"))
-    batches = vp.calibration_batches(bundle, p.data.calib_batches, p.data.batch_size) if args.score == "taylor" else None
+    batches = None
+    if args.score == "taylor":
+        batches = vp.calibration_batches(bundle, p.data.calib_batches, p.data.batch_size)
     scores = vp.importance_scores(model, args.score, batches=batches, sites=p.sparse.sites, seed=p.train.seed)
     from vitprune.pruning import prune_variant
 

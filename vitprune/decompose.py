@@ -170,15 +170,14 @@ def _qr_givens(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     for i0, j0, cnt in _givens_stages(m, k):
         # pairs t = 0..cnt-1: bottom row i0 + 2t, top row i0 + 2t - 1, column j0 + t
         bot, top = slice(i0, i0 + 2 * cnt - 1, 2), slice(i0 - 1, i0 + 2 * cnt - 2, 2)
-        cols = torch.arange(j0, j0 + cnt, device=a.device)
-        pairs = torch.arange(cnt, device=a.device)
-        x, y = r[top][pairs, cols], r[bot][pairs, cols]
+        x = r[top, j0:j0 + cnt].diagonal()  # pair t's entries sit in column j0 + t: a diagonal view
+        y = r[bot, j0:j0 + cnt].diagonal()
         h = torch.hypot(x, y)
         safe = torch.where(h == 0, torch.ones_like(h), h)
         c = torch.where(h == 0, torch.ones_like(h), x / safe).unsqueeze(1)
         s = torch.where(h == 0, torch.zeros_like(h), y / safe).unsqueeze(1)
         _rotate(r[:, j0:], top, bot, c, s)
-        r[i0:i0 + 2 * cnt - 1:2, :][pairs, cols] = 0.0
+        r[bot, j0:j0 + cnt].diagonal().zero_()  # exactly zero, not rounding noise
         applied.append((top, bot, c, s))
     q = a.new_zeros(m, k)  # Q[:, :k] = G_1^T ... G_S^T I[:, :k], accumulated backwards
     q[:k, :k] = torch.eye(k, dtype=a.dtype, device=a.device)
@@ -441,7 +440,8 @@ def choose_ranks(linears: dict[str, nn.Linear], rank: int | None = None, rank_ra
     given = {k: v for k, v in dict(rank=rank, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget).items()
              if v is not None}
     if len(given) != 1:
-        raise DecomposeError(f"give exactly one of rank, rank_ratio, energy, param_budget (got {sorted(given) or 'none'})")
+        raise DecomposeError("give exactly one of rank, rank_ratio, energy, param_budget "
+                             f"(got {sorted(given) or 'none'})")
     key, value = next(iter(given.items()))
     shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
     if key == "rank":

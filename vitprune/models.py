@@ -149,7 +149,10 @@ def _create(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
         near = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ParamsError(f"model.name '{name}' is not a timm model; accepted: vit_custom or a timm name"
                           + (f" such as {', '.join(near)}" if near else ""))
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:  # a non-ViT constructor rejecting ViT arguments
+        raise ParamsError(f"model.name '{name}' is not a timm VisionTransformer ({err})") from err
     if not isinstance(model, VisionTransformer):
         raise ParamsError(f"model.name '{name}' builds a {type(model).__name__}, not a timm VisionTransformer")
     return model
@@ -176,7 +179,8 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
             json.dumps(value)
         except TypeError as err:
-            raise ParamsError(f"model.kwargs.{key}: {value!r} cannot be stored in a model spec (JSON values only)") from err
+            raise ParamsError(f"model.kwargs.{key}: {value!r} cannot be stored in a model spec "
+                              "(JSON values only)") from err
         out[key] = value
     return out
 
@@ -318,6 +322,9 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -349,7 +356,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ModelError(f"model file '{path}' is not a readable safetensors file (truncated or corrupted?): {err}") from err
+        raise ModelError(f"model file '{path}' is not a readable safetensors file (truncated or corrupted?): "
+                         f"{err}") from err
     return tensors, metadata
 
 

@@ -182,7 +182,8 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
 
     for b, block in enumerate(blocks):
         if plan.num_heads[b] != block.attn.num_heads:
-            raise PruneError(f"plan expects {plan.num_heads[b]} heads in block {b}; the model has {block.attn.num_heads}")
+            raise PruneError(f"plan expects {plan.num_heads[b]} heads in block {b}; "
+                             f"the model has {block.attn.num_heads}")
     for (b, site), size in plan.sizes.items():
         if b >= len(blocks) or site not in SITE_SLOT:
             raise PruneError(f"plan names block {b} site {site}, which the model does not have")
@@ -191,7 +192,8 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
             raise PruneError(f"plan expects {size} dims at block {b} site {site}; the model has {actual}")
         idx = plan.kept[(b, site)]
         if not idx or min(idx) < 0 or max(idx) >= size or len(set(idx)) != len(idx):
-            raise PruneError(f"plan's kept indices at block {b} site {site} must be distinct, in [0, {size}), non-empty")
+            raise PruneError(f"plan's kept indices at block {b} site {site} must be distinct, in [0, {size}), "
+                             "non-empty")
 
 
 def _head_layout(kept: list[int] | None, heads: int, d: int, site: str, b: int) -> dict[int, list[int]]:
@@ -266,7 +268,8 @@ def prune(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return new
 
 
-def _select_in(old_index: torch.Tensor | None, kept: list[int] | None, dim: int) -> tuple[list[int], torch.Tensor | None]:
+def _select_in(old_index: torch.Tensor | None, kept: list[int] | None,
+               dim: int) -> tuple[list[int], torch.Tensor | None]:
     """Columns to keep of the layer, and the new input index into the residual stream."""
     cols = list(range(dim)) if kept is None else list(kept)
     if old_index is None and kept is None:

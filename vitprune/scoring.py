@@ -48,7 +48,7 @@ def magnitude_scores(model: nn.Module, sites: Iterable[str] | None = None) -> Sc
     scores: Scores = {}
     for b, block in enumerate(folded.blocks):
         a, m = block.attn, block.mlp
-        h, dqk, dv = a.num_heads, a.qk_head_dim, a.v_head_dim
+        h, dqk = a.num_heads, a.qk_head_dim
         w_qkv = a.qkv.weight
         for site in sites:
             if site == "attn_in":
@@ -121,7 +121,8 @@ def save_scores(scores: dict[str, Scores], path) -> None:
 
     from vitprune.models import atomic_write
 
-    flat = {f"{c}/{b}/{s}": v.detach().float().cpu().contiguous() for c, sc in scores.items() for (b, s), v in sc.items()}
+    flat = {f"{c}/{b}/{s}": v.detach().float().cpu().contiguous()
+            for c, sc in scores.items() for (b, s), v in sc.items()}
     atomic_write(Path(path), lambda tmp: save_file(flat, tmp))
 
 

@@ -1,0 +1,103 @@
+"""Training loop: exact resume, divergence handling, gradient accumulation, torchrun/DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitprune as vp
+from tests.conftest import ROOT, SMOKE
+from vitprune.models import ModelError
+from vitprune.training import TrainConfig, train
+
+
+def smoke_model(p, bundle):
+    torch.manual_seed(0)
+    return vp.build_model(p.model, bundle.num_classes, bundle.in_chans, bundle.image_size)
+
+
+def cfg(**kw):
+    base = dict(epochs=3, lr=2e-3, batch_size=64, eval_batch_size=256, max_steps=4, progress=False, warmup_epochs=0.5,
+                threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_exact(tmp_path, smoke_params, digits_bundle):
+    full = smoke_model(smoke_params, digits_bundle)
+    vp.attach_gates(full)
+    h_full = train(full, digits_bundle, cfg(l1=1e-3), tmp_path / "a", "run")
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise Interrupt
+
+    part = smoke_model(smoke_params, digits_bundle)
+    vp.attach_gates(part)
+    with pytest.raises(Interrupt):
+        train(part, digits_bundle, cfg(l1=1e-3), tmp_path / "b", "run", on_epoch_end=stop_after_first)
+    resumed = smoke_model(smoke_params, digits_bundle)  # a fresh process would start from scratch weights
+    vp.attach_gates(resumed)
+    h_res = train(resumed, digits_bundle, cfg(l1=1e-3), tmp_path / "b", "run")
+    strip = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h_full]
+    assert [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h_res] == strip
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    again = train(resumed, digits_bundle, cfg(l1=1e-3), tmp_path / "b", "run")  # finished: returns at once
+    assert len(again) == 3
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path, smoke_params, digits_bundle):
+    model = smoke_model(smoke_params, digits_bundle)
+    train(model, digits_bundle, cfg(epochs=1), tmp_path, "run")
+    with pytest.raises(ModelError, match=r"run.ckpt.safetensors' was made with different settings \(lr\)"):
+        train(model, digits_bundle, cfg(epochs=2, lr=1e-2), tmp_path, "run")
+    assert len(train(model, digits_bundle, cfg(epochs=2), tmp_path, "run")) == 2  # more epochs: a resume
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, smoke_params, digits_bundle):
+    model = smoke_model(smoke_params, digits_bundle)
+
+    def poison(record):
+        with torch.no_grad():
+            model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(vp.TrainingDiverged, match=r"loss became nan at epoch 2.*run.ckpt.safetensors' \(epoch 1\)"):
+        train(model, digits_bundle, cfg(), tmp_path, "run", on_epoch_end=poison)
+    good = vp.load_model(tmp_path / "run.ckpt.safetensors")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, smoke_params, digits_bundle):
+    a = smoke_model(smoke_params, digits_bundle)
+    b = smoke_model(smoke_params, digits_bundle)
+    train(a, digits_bundle, cfg(epochs=1, label_smoothing=0.0), tmp_path / "a", "run")
+    train(b, digits_bundle, cfg(epochs=1, accum_steps=2, label_smoothing=0.0), tmp_path / "b", "run")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_torchrun_two_ranks_match_a_single_process(tmp_path):
+    common = ["train", "--params", str(SMOKE), "--set", "train.threads=1"]
+    single = subprocess.run([sys.executable, "-m", "vitprune.cli", *common, "--run-dir", str(tmp_path / "one")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "vitprune.cli", *common, "--run-dir", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    h1 = json.loads((tmp_path / "one" / "dense.history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "dense.history.json").read_text())
+    for r1, r2 in zip(h1, h2):
+        assert r1["test_top1"] == r2["test_top1"]
+        assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-5 and abs(r1["test_loss"] - r2["test_loss"]) < 1e-5
+    m1, m2 = (vp.load_model(tmp_path / run / "dense.safetensors") for run in ("one", "two"))
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-5)
