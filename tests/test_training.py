@@ -50,16 +50,25 @@ def test_resume_after_interruption_is_exact(tmp_path, smoke_params, digits_bundl
     assert [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h_res] == strip
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
-    again = train(resumed, digits_bundle, cfg(l1=1e-3), tmp_path / "b", "run")  # finished: returns at once
-    assert len(again) == 3
+    fresh = smoke_model(smoke_params, digits_bundle)
+    vp.attach_gates(fresh)
+    again = train(fresh, digits_bundle, cfg(l1=1e-3), tmp_path / "b", "run")  # finished: loads, returns at once
+    assert len(again) == 3 and torch.equal(fresh.head.weight, full.head.weight)
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path, smoke_params, digits_bundle):
     model = smoke_model(smoke_params, digits_bundle)
     train(model, digits_bundle, cfg(epochs=1), tmp_path, "run")
     with pytest.raises(ModelError, match=r"run.ckpt.safetensors' was made with different settings \(lr\)"):
-        train(model, digits_bundle, cfg(epochs=2, lr=1e-2), tmp_path, "run")
-    assert len(train(model, digits_bundle, cfg(epochs=2), tmp_path, "run")) == 2  # more epochs: a resume
+        train(smoke_model(smoke_params, digits_bundle), digits_bundle, cfg(epochs=1, lr=1e-2), tmp_path, "run")
+    fresh = smoke_model(smoke_params, digits_bundle)
+    with pytest.raises(ModelError, match=r"different settings \(epochs\)"):  # the schedule depends on epochs
+        train(fresh, digits_bundle, cfg(epochs=2), tmp_path, "run")
+    with pytest.raises(ModelError, match=r"different settings \(initial_weights\)"):  # a different start model
+        train(model, digits_bundle, cfg(epochs=1), tmp_path, "run")
+    restarted = train(fresh, digits_bundle, cfg(epochs=2), tmp_path, "run", on_config_change="restart")
+    assert len(restarted) == 2
+    assert len(list(tmp_path.glob("run.ckpt.*.safetensors"))) == 1  # the old checkpoint is kept, not lost
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, smoke_params, digits_bundle):

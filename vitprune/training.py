@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,8 +32,8 @@ from vitprune.metrics import evaluate
 from vitprune.models import OPTIM_PREFIX, ModelError, atomic_write, read_checkpoint, save_model
 from vitprune.params import Params
 
-# keys that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "threads"}
+# keys that may change between an interrupted run and its resumption (epochs may not: the schedule depends on it)
+RESUMABLE_CHANGES = {"progress", "threads"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -171,6 +172,15 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, in
                metadata={"vitprune_train": json.dumps({**info, "param_groups": groups})})
 
 
+def weights_digest(model: nn.Module) -> str:
+    """Fingerprint of a model's weights: a checkpoint resumes only the run that started from them."""
+    h = hashlib.sha1()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
 
@@ -189,12 +199,15 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, teacher_logit
 
 def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str | Path, name: str = "train",
           teacher: nn.Module | None = None, resume: bool = True,
-          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+          on_config_change: Literal["error", "restart"] = "error") -> list[dict[str, Any]]:
     """Train `model` in place; returns per-epoch records. Writes <name>.ckpt.safetensors each epoch.
 
     An existing checkpoint of the same configuration is resumed exactly (a finished one returns at
     once); every epoch reseeds from (seed, epoch), so an interrupted run ends where an
-    uninterrupted one would.
+    uninterrupted one would. A checkpoint made with other settings raises, or with
+    ``on_config_change="restart"`` is moved aside to <name>.ckpt.<digest>.safetensors (kept) and
+    training starts over.
     """
     rank, world, local_rank = distributed_context()
     device = resolve_device(cfg.device, local_rank)
@@ -206,19 +219,24 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
     if teacher is not None:
         teacher.to(device).eval()
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
-    config = dataclasses.asdict(cfg)
+    config = {**dataclasses.asdict(cfg), "initial_weights": weights_digest(model)}
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume and ckpt.is_file():
         tensors, meta = read_checkpoint(ckpt)
         info = json.loads(meta.get("vitprune_train", "{}"))
         changed = _config_changes(info.get("config", {}), config)
-        if changed:
+        if changed and on_config_change == "error":
             raise ModelError(f"checkpoint '{ckpt}' was made with different settings ({', '.join(changed)}); "
                              "use another run name or delete it to start over")
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)})
-        _restore_optim(opt, tensors, info["param_groups"])
-        start_epoch, history = info["epoch"], info["history"]
+        if changed:
+            digest = hashlib.sha1(json.dumps(info.get("config", {}), sort_keys=True).encode()).hexdigest()[:8]
+            if rank == 0:
+                os.replace(ckpt, ckpt.with_name(f"{name}.ckpt.{digest}.safetensors"))
+        else:
+            model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)})
+            _restore_optim(opt, tensors, info["param_groups"])
+            start_epoch, history = info["epoch"], info["history"]
     steps_per_epoch = _steps_per_epoch(bundle, cfg)
     total, warmup = steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -298,7 +316,8 @@ def write_history(history: list[dict[str, Any]], path: str | Path) -> Path:
 def fit(p: Params, stage: Literal["dense", "sparse", "finetune"], model: nn.Module, bundle: DataBundle,
         run_dir: str | Path, name: str, teacher: nn.Module | None = None) -> list[dict[str, Any]]:
     """Train one pipeline stage and write <name>.safetensors and <name>.history.json beside its checkpoint."""
-    history = train(model, bundle, TrainConfig.from_params(p, stage), run_dir, name, teacher=teacher)
+    history = train(model, bundle, TrainConfig.from_params(p, stage), run_dir, name, teacher=teacher,
+                    on_config_change="restart")
     if int(os.environ.get("RANK", "0")) == 0:
         save_model(model, Path(run_dir) / f"{name}.safetensors")
         write_history(history, Path(run_dir) / f"{name}.history.json")
