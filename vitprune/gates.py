@@ -69,9 +69,9 @@ def module_device(module: nn.Module) -> torch.device:
 def gate_parameters(model: nn.Module) -> dict[tuple[int, str], nn.Parameter]:
     """{(block_index, site): gate parameter} for every attached gate."""
     gates = {}
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(getattr(model, "blocks", ())):
         for site, (owner, name) in SITE_SLOT.items():
-            g = getattr(getattr(block, owner), name, None)
+            g = getattr(getattr(block, owner, None), name, None)
             if g is not None:
                 gates[(i, site)] = g
     return gates
@@ -87,7 +87,7 @@ def l1_penalty(model: nn.Module, weight: float = 1e-4) -> torch.Tensor:
     gates = list(gate_parameters(model).values())
     if not gates:
         return torch.zeros((), device=module_device(model))
-    return weight * torch.stack([g.abs().sum() for g in gates]).sum()
+    return weight * torch.cat([g.view(-1) for g in gates]).abs().sum()
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Iterable
@@ -55,6 +56,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
     Counted by forward hooks on the modules themselves, so pruned and factorized layers count as
     what they really are; norms, activations and softmax are not counted (as in the DeiT/VTP tables).
     """
+    from vitprune.gates import fold_gates, gate_parameters
+
+    if gate_parameters(model):  # gated layers call F.linear on scaled weights; count the folded twin
+        model = fold_gates(copy.deepcopy(model))
     total = 0
 
     def linear(mod, inputs, out):

@@ -41,6 +41,32 @@ def _gate(size: int) -> nn.Parameter:
     return nn.Parameter(torch.ones(size))
 
 
+def select_features(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[..., index]; gather is several times faster than index_select on the last dim on CPU."""
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], -1))
+
+
+def gated_linear(layer: nn.Module, x: torch.Tensor, in_gate: torch.Tensor | None = None,
+                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(x * in_gate) with its outputs scaled by out_scale, computed by scaling the weight instead of x.
+
+    Same function; the gates touch in*out weights rather than batch*tokens*in activations, which
+    keeps sparse training nearly as fast as dense training.
+    """
+    if in_gate is None and out_scale is None:
+        return layer(x)
+    if not isinstance(layer, nn.Linear):
+        y = layer(x if in_gate is None else x * in_gate)
+        return y if out_scale is None else y * out_scale
+    weight, bias = layer.weight, layer.bias
+    if in_gate is not None:
+        weight = weight * in_gate
+    if out_scale is not None:
+        weight = weight * out_scale[:, None]
+        bias = None if bias is None else bias * out_scale
+    return F.linear(x, weight, bias)
+
+
 class PrunableAttention(Attention):
     """timm Attention with optional VTP gates, pruned input dims and separate q/k and v head widths."""
 
@@ -66,28 +92,29 @@ class PrunableAttention(Attention):
         b, n, _ = x.shape
         h, dqk, dv = self.num_heads, self.qk_head_dim, self.v_head_dim
         if self.in_index is not None:
-            x = x.index_select(-1, self.in_index)
-        if self.gate_in is not None:
-            x = x * self.gate_in
-        q, k, v = self.qkv(x).split([h * dqk, h * dqk, h * dv], dim=-1)
+            x = select_features(x, self.in_index)
+        rows = None
+        if self.gate_qk is not None:  # q and k rows both scaled by g: the logits scale by g^2
+            rows = torch.cat([self.gate_qk, self.gate_qk, self.gate_qk.new_ones(h * dv)])
+        q, k, v = gated_linear(self.qkv, x, self.gate_in, rows).split([h * dqk, h * dqk, h * dv], dim=-1)
         q = self.q_norm(q.view(b, n, h, dqk).transpose(1, 2))
         k = self.k_norm(k.view(b, n, h, dqk).transpose(1, 2))
         v = v.view(b, n, h, dv).transpose(1, 2)
-        if self.gate_qk is not None:
-            g = self.gate_qk.view(h, 1, dqk)
-            q, k = q * g, k * g
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+            # The fused kernels need equal q/k and v head widths: zero-pad the narrower side (exact:
+            # zero q/k columns add nothing to the logits, zero v columns are sliced off again).
+            d = max(dqk, dv)
+            q, k = (F.pad(q, (0, d - dqk)), F.pad(k, (0, d - dqk))) if dqk < d else (q, k)
+            x = F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - dv)) if dv < d else v, attn_mask=attn_mask,
+                                               is_causal=is_causal, scale=self.scale,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)[..., :dv]
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if attn_mask is not None:
                 attn = attn + attn_mask
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = self.norm(x.transpose(1, 2).reshape(b, n, h * dv))
-        if self.gate_out is not None:
-            x = x * self.gate_out
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(gated_linear(self.proj, x, self.gate_out))
 
 
 class PrunableMlp(Mlp):
@@ -103,13 +130,9 @@ class PrunableMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_index is not None:
-            x = x.index_select(-1, self.in_index)
-        if self.gate_in is not None:
-            x = x * self.gate_in
-        x = self.norm(self.drop1(self.act(self.fc1(x))))
-        if self.gate_hidden is not None:
-            x = x * self.gate_hidden
-        return self.drop2(self.fc2(x))
+            x = select_features(x, self.in_index)
+        x = self.norm(self.drop1(self.act(gated_linear(self.fc1, x, self.gate_in))))
+        return self.drop2(gated_linear(self.fc2, x, self.gate_hidden))
 
 
 def vit_blocks(model: nn.Module) -> nn.Sequential:

@@ -47,9 +47,9 @@ def smoke_overrides(params_file: str | Path) -> dict[str, Any]:
             "data.batch_size": batch, "data.eval_batch_size": batch, "data.train_size": 2 * batch,
             "data.test_size": batch, "data.calib_batches": 1, "data.num_workers": 0, "model.pretrained": None,
             "train.epochs": 1, "train.max_steps": 1, "train.progress": False, "sparse.epochs": 1,
-            "finetune.epochs": 1, "prune.ratios": p.prune.ratios[:1], "decompose.rank_ratios": [0.5],
-            "decompose.finetune_ratio": 0.5, "bench.batch_sizes": [1], "bench.repeats": 1, "bench.warmup": 0,
-            "name": f"{p.name}_smoke"}
+            "finetune.epochs": 1, "prune.ratios": p.prune.ratios[:1], "decompose.rank_ratios": [0.25],
+            "decompose.finetune_ratio": 0.25, "decompose.layers": ["proj"],  # every method, one projection kind
+            "bench.batch_sizes": [1], "bench.repeats": 1, "bench.warmup": 0, "name": f"{p.name}_smoke"}
 
 
 def _kernel_name() -> str:

@@ -165,9 +165,12 @@ def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, info: dict[str, Any]) -> None:
-    """One atomic safetensors file: model weights + spec, optimizer tensors, training state as JSON."""
-    tensors, groups = _optim_tensors(opt)
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None, info: dict[str, Any]) -> None:
+    """One atomic safetensors file: model weights + spec, optimizer tensors, training state as JSON.
+
+    A finished run (opt=None) keeps no optimizer state: nothing is left to resume, and it is 3x smaller.
+    """
+    tensors, groups = _optim_tensors(opt) if opt is not None else ({}, None)
     save_model(model, path, extra_tensors=tensors,
                metadata={"vitprune_train": json.dumps({**info, "param_groups": groups})})
 
@@ -235,7 +238,8 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
                 os.replace(ckpt, ckpt.with_name(f"{name}.ckpt.{digest}.safetensors"))
         else:
             model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)})
-            _restore_optim(opt, tensors, info["param_groups"])
+            if info["param_groups"] is not None:
+                _restore_optim(opt, tensors, info["param_groups"])
             start_epoch, history = info["epoch"], info["history"]
     steps_per_epoch = _steps_per_epoch(bundle, cfg)
     total, warmup = steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs)
@@ -286,7 +290,9 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
                   "test_loss": test["loss"], "epoch_time_s": time.perf_counter() - t0, **gate_statistics(model)}
         history.append(record)
         if rank == 0:
-            save_checkpoint(ckpt, model, opt, {"epoch": epoch + 1, "history": history, "config": config})
+            finished = epoch + 1 == cfg.epochs
+            save_checkpoint(ckpt, model, None if finished else opt,
+                            {"epoch": epoch + 1, "history": history, "config": config})
         if world > 1:
             dist.barrier()
         if on_epoch_end is not None:
