@@ -148,8 +148,9 @@ def cmd_info(args) -> None:
         raise FileNotFoundError(f"'{args.target}' is neither a model file nor a timm model name")
     size = args.image_size or (size if isinstance(size, int) else size[0])
     shape = (1, chans, size, size)
-    _print({"target": args.target, "input": list(shape), "params": vp.count_params(model),
-            "macs": vp.count_macs(model, shape), "GMACs": vp.count_macs(model, shape) / 1e9})
+    macs = vp.count_macs(model, shape)
+    _print({"target": args.target, "input": list(shape), "params": vp.count_params(model), "macs": macs,
+            "GMACs": macs / 1e9})
 
 
 def cmd_reproduce(args) -> None:

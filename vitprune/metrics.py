@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
+from vitprune.gates import fold_gates, gate_parameters, is_gate
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | None = None) -> dict[str, float]:
@@ -40,8 +42,6 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | N
 
 def count_params(model: nn.Module, include_gates: bool = False) -> int:
     """Number of parameters (VTP gates excluded unless asked: they fold away)."""
-    from vitprune.gates import is_gate
-
     return sum(p.numel() for n, p in model.named_parameters() if include_gates or not is_gate(n))
 
 
@@ -56,8 +56,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
     Counted by forward hooks on the modules themselves, so pruned and factorized layers count as
     what they really are; norms, activations and softmax are not counted (as in the DeiT/VTP tables).
     """
-    from vitprune.gates import fold_gates, gate_parameters
-
     if gate_parameters(model):  # gated layers call F.linear on scaled weights; count the folded twin
         model = fold_gates(copy.deepcopy(model))
     total = 0

@@ -15,9 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vitprune.gates import SITE_SLOT, fold_gates, gate_parameters
+from vitprune.gates import SITE_SLOT, _site_size, fold_gates, gate_parameters
 from vitprune.models import (
-    ModelError,
     PrunableAttention,
     apply_block_structure,
     atomic_write,
@@ -155,8 +154,6 @@ def plan_pruning(model: nn.Module, scores: Scores, ratio: float,
 
 
 def _site_sizes(model: nn.Module, scores: Scores) -> dict[tuple[int, str], int]:
-    from vitprune.gates import _site_size
-
     sizes = {}
     depth = len(model.blocks)
     for (b, site), s in scores.items():
@@ -178,8 +175,6 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
     if len(plan.num_heads) != len(blocks):
         raise PruneError(f"plan is for {len(plan.num_heads)} blocks; the model has {len(blocks)}")
     make_prunable(model)
-    from vitprune.gates import _site_size
-
     for b, block in enumerate(blocks):
         if plan.num_heads[b] != block.attn.num_heads:
             raise PruneError(f"plan expects {plan.num_heads[b]} heads in block {b}; "
@@ -312,9 +307,6 @@ def pruned_architecture(model: nn.Module) -> list[dict[str, int]]:
                      "mlp_in": m.fc1.in_features, "mlp_hidden": m.fc1.out_features})
     return rows
 
-
-__all__ = ["PrunePlan", "PruneError", "plan_pruning", "prune", "zero_dropped", "check_plan", "pruned_architecture",
-           "ModelError"]
 
 
 def variant_name(criterion: str, ratio: float) -> str:

@@ -29,7 +29,7 @@ from vitprune.params import Params, load_params  # noqa: E402
 STAGES = ("01_sparse_training", "02_scoring", "03_pruning", "04_svd", "05_qr", "06_lu", "07_finetuning",
           "08_comparison")
 MANIFEST = "MANIFEST.json"
-TIMING_COLUMNS = ("latency", "time", "_ms", "_s")  # measured, so excluded from reproducibility checks
+TIMING_WORDS = ("latency", "time")  # measured columns, excluded from reproducibility checks
 
 
 class MissingStageError(RuntimeError):
@@ -89,7 +89,8 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def reproducible_columns(df: pd.DataFrame) -> pd.DataFrame:
     """The table without measured-time columns (latency, durations), which differ run to run."""
-    return df[[c for c in df.columns if not any(t in c.lower() for t in TIMING_COLUMNS)]]
+    measured = [c for c in df.columns if any(w in c.lower() for w in TIMING_WORDS) or c.endswith(("_ms", "_s"))]
+    return df.drop(columns=measured)
 
 
 # ---------------------------------------------------------------- stages

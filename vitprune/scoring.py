@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitprune.gates import DEFAULT_SITES, SITE_SLOT, _site_size, attach_gates, fold_gates, gate_parameters
-from vitprune.models import make_prunable
+from vitprune.models import atomic_write, make_prunable
 
 Scores = dict[tuple[int, str], torch.Tensor]
 CRITERIA = ("gates", "magnitude", "taylor", "random")
@@ -113,23 +115,15 @@ def importance_scores(model: nn.Module, criterion: str = "gates", batches: Itera
     raise ScoringError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
 
 
-def save_scores(scores: dict[str, Scores], path) -> None:
+def save_scores(scores: dict[str, Scores], path: str | Path) -> None:
     """Scores of several criteria as one safetensors file (keys criterion/block/site)."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from vitprune.models import atomic_write
-
     flat = {f"{c}/{b}/{s}": v.detach().float().cpu().contiguous()
             for c, sc in scores.items() for (b, s), v in sc.items()}
     atomic_write(Path(path), lambda tmp: save_file(flat, tmp))
 
 
-def load_scores(path) -> dict[str, Scores]:
+def load_scores(path: str | Path) -> dict[str, Scores]:
     """Inverse of `save_scores`."""
-    from safetensors.torch import load_file
-
     out: dict[str, Scores] = {}
     for key, value in load_file(str(path)).items():
         c, b, s = key.split("/")

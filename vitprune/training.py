@@ -324,7 +324,7 @@ def fit(p: Params, stage: Literal["dense", "sparse", "finetune"], model: nn.Modu
     """Train one pipeline stage and write <name>.safetensors and <name>.history.json beside its checkpoint."""
     history = train(model, bundle, TrainConfig.from_params(p, stage), run_dir, name, teacher=teacher,
                     on_config_change="restart")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         save_model(model, Path(run_dir) / f"{name}.safetensors")
         write_history(history, Path(run_dir) / f"{name}.history.json")
     return history
