@@ -136,5 +136,7 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
         write_json(state_path, state)
         timing["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1)}
     timing["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    write_json(run_dir / "pipeline_timing.json", timing)
+    # the README and `make bench` quote the full sequence; a partial run must not overwrite it
+    full = len(selected) == len(STAGES)
+    write_json(run_dir / ("pipeline_timing.json" if full else "pipeline_timing_partial.json"), timing)
     return timing
