@@ -96,12 +96,10 @@ def fold_gates(model: nn.Module) -> nn.Module:
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         if isinstance(attn, PrunableAttention):
-            h, dqk = attn.num_heads, attn.qk_head_dim
             if attn.gate_in is not None:
                 attn.qkv.weight.mul_(attn.gate_in)
-            if attn.gate_qk is not None:  # q and k rows both scaled by g: logits scale by g^2 as gated
-                scale = torch.ones(attn.qkv.out_features, device=attn.gate_qk.device)
-                scale[: 2 * h * dqk] = attn.gate_qk.repeat(2)
+            scale = attn.qkv_row_scale()
+            if scale is not None:
                 attn.qkv.weight.mul_(scale[:, None])
                 if attn.qkv.bias is not None:
                     attn.qkv.bias.mul_(scale)

@@ -88,15 +88,19 @@ class PrunableAttention(Attention):
         for site in ("gate_in", "gate_qk", "gate_out"):
             self.register_parameter(site, getattr(attn, site, None))
 
+    def qkv_row_scale(self) -> torch.Tensor | None:
+        """Per-output-row scale of qkv from the `qk` gate: q and k rows both by g, so the logits scale by g^2."""
+        if self.gate_qk is None:
+            return None
+        return torch.cat([self.gate_qk, self.gate_qk, self.gate_qk.new_ones(self.num_heads * self.v_head_dim)])
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
         h, dqk, dv = self.num_heads, self.qk_head_dim, self.v_head_dim
         if self.in_index is not None:
             x = select_features(x, self.in_index)
-        rows = None
-        if self.gate_qk is not None:  # q and k rows both scaled by g: the logits scale by g^2
-            rows = torch.cat([self.gate_qk, self.gate_qk, self.gate_qk.new_ones(h * dv)])
-        q, k, v = gated_linear(self.qkv, x, self.gate_in, rows).split([h * dqk, h * dqk, h * dv], dim=-1)
+        qkv = gated_linear(self.qkv, x, self.gate_in, self.qkv_row_scale())
+        q, k, v = qkv.split([h * dqk, h * dqk, h * dv], dim=-1)
         q = self.q_norm(q.view(b, n, h, dqk).transpose(1, 2))
         k = self.k_norm(k.view(b, n, h, dqk).transpose(1, 2))
         v = v.view(b, n, h, dv).transpose(1, 2)

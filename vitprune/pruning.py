@@ -308,7 +308,6 @@ def pruned_architecture(model: nn.Module) -> list[dict[str, int]]:
     return rows
 
 
-
 def variant_name(criterion: str, ratio: float) -> str:
     return f"pruned_{criterion}_{round(ratio * 100):02d}"
 
