@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import vitprune as vp
-from vitprune.data import DataError, epoch_order
+from vitprune.data import epoch_order
+from vitprune.errors import DataError
 from vitprune.params import DataParams
 
 

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 import vitprune as vp
 from tests.conftest import make_arch
-from vitprune.models import ModelError
-from vitprune.params import ModelParams, ParamsError
+from vitprune.errors import ModelError, ParamsError
+from vitprune.params import ModelParams
 from vitprune.training import TrainConfig, train
 
 PARAMS = sorted((Path(__file__).resolve().parent.parent / "params").glob("*.yaml"))
@@ -90,9 +90,9 @@ def test_checkpoint_errors(tmp_path):
     tensors = {k: v.contiguous() for k, v in other.state_dict().items()}
     import json
 
-    from vitprune.models import SPEC_KEY
+    from vitprune.checkpoint import SPEC_KEY, architecture_spec
     save_file(tensors, str(tmp_path / "mismatch.safetensors"),
-              metadata={SPEC_KEY: json.dumps(vp.models.architecture_spec(model))})
+              metadata={SPEC_KEY: json.dumps(architecture_spec(model))})
     with pytest.raises(ModelError, match="mismatch.safetensors' does not match its architecture spec"):
         vp.load_model(tmp_path / "mismatch.safetensors")
 

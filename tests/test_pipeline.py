@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, SMOKE
-from vitprune.pipeline import StageFailed, reproduce
-from vitprune.reporting import STAGES, reproducible_columns
+from vitprune.errors import StageFailed
+from vitprune.names import STAGES
+from vitprune.pipeline import reproduce
+from vitprune.reporting import reproducible_columns
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PARAMS = sorted((ROOT / "params").glob("*.yaml"))

@@ -10,15 +10,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitprune as vp
 from tests.conftest import make_arch
-from vitprune.gates import ALL_SITES, DEFAULT_SITES
-from vitprune.models import ModelError, PrunableAttention
-from vitprune.pruning import PruneError, PrunePlan, check_plan
+from vitprune.errors import ModelError, PruneError
+from vitprune.layers import PrunableAttention
+from vitprune.names import DEFAULT_SITES, GATE_SITES
+from vitprune.pruning import PrunePlan, check_plan
 
 TOL = 1e-5
 
 
 def gated(model, qk_norm, seed=0):
-    sites = DEFAULT_SITES if qk_norm else ALL_SITES
+    sites = DEFAULT_SITES if qk_norm else GATE_SITES
     vp.attach_gates(model, sites)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -31,7 +32,7 @@ def test_attaching_gates_keeps_function_and_timm_keys(arch):
     model, x, qk_norm = arch
     keys = set(model.state_dict())
     before = model(x)
-    vp.attach_gates(model, DEFAULT_SITES if qk_norm else ALL_SITES)
+    vp.attach_gates(model, DEFAULT_SITES if qk_norm else GATE_SITES)
     assert (model(x) - before).abs().max() == 0
     assert keys <= set(model.state_dict())  # timm's keys unchanged: a pretrained checkpoint still loads
     assert all(vp.gates.is_gate(k) for k in set(model.state_dict()) - keys)
@@ -193,7 +194,7 @@ def test_gates_on_a_non_vit_module_are_refused():
 def test_qk_gate_with_qk_norm_is_refused():
     model, _, _ = make_arch("qknorm_nobias")
     with pytest.raises(ModelError, match="'qk' cannot be exact .* qk-norm"):
-        vp.attach_gates(model, ALL_SITES)
+        vp.attach_gates(model, GATE_SITES)
 
 
 def test_unknown_site_and_gate_scores_without_gates():

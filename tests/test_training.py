@@ -11,7 +11,7 @@ import torch
 
 import vitprune as vp
 from tests.conftest import ROOT, SMOKE
-from vitprune.models import ModelError
+from vitprune.errors import ModelError
 from vitprune.training import TrainConfig, train
 
 
@@ -66,7 +66,8 @@ def test_resume_with_changed_settings_is_refused(tmp_path, smoke_params, digits_
         train(fresh, digits_bundle, cfg(epochs=2), tmp_path, "run")
     with pytest.raises(ModelError, match=r"different settings \(initial_weights\)"):  # a different start model
         train(model, digits_bundle, cfg(epochs=1), tmp_path, "run")
-    restarted = train(fresh, digits_bundle, cfg(epochs=2), tmp_path, "run", on_config_change="restart")
+    with pytest.warns(UserWarning, match=r"settings changed \(epochs\); the old checkpoint is kept as .*starts over"):
+        restarted = train(fresh, digits_bundle, cfg(epochs=2), tmp_path, "run", on_config_change="restart")
     assert len(restarted) == 2
     assert len(list(tmp_path.glob("run.ckpt.*.safetensors"))) == 1  # the old checkpoint is kept, not lost
 
@@ -110,3 +111,59 @@ def test_torchrun_two_ranks_match_a_single_process(tmp_path):
     m1, m2 = (vp.load_model(tmp_path / run / "dense.safetensors") for run in ("one", "two"))
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.allclose(p1, p2, atol=1e-5)
+
+
+def test_divergence_before_any_checkpoint_says_nothing_is_kept(tmp_path, smoke_params, digits_bundle):
+    model = smoke_model(smoke_params, digits_bundle)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(vp.TrainingDiverged, match="no checkpoint had been written yet, so nothing is kept") as info:
+        train(model, digits_bundle, cfg(), tmp_path, "run")
+    assert "is kept" not in str(info.value).replace("nothing is kept", "")
+    assert not (tmp_path / "run.ckpt.safetensors").exists()
+
+
+def test_a_run_that_collapses_to_chance_without_nan_is_refused(tmp_path):
+    from vitprune.training import fit
+
+    p = vp.load_params(SMOKE, {"train.max_steps": None, "train.lr": 10.0, "train.clip_grad": None,
+                               "train.warmup_epochs": 0, "train.epochs": 2})
+    bundle = vp.load_data(p.data)
+    model = smoke_model(p, bundle)
+    collapse = r"collapsed to chance without a NaN: test top-1 .* \(chance 10\.0 %\)"
+    with pytest.raises(vp.TrainingDiverged, match=collapse):
+        fit(p, "dense", model, bundle, tmp_path, "dense")
+    assert (tmp_path / "dense.safetensors").is_file()  # kept for inspection
+    healthy = vp.load_params(SMOKE, {"train.max_steps": None, "train.epochs": 2})
+    fit(healthy, "dense", smoke_model(healthy, bundle), bundle, tmp_path / "ok", "dense")
+
+
+def test_temporary_files_of_a_killed_writer_are_cleaned_at_the_next_start(tmp_path, smoke_params, digits_bundle):
+    """A writer killed mid-checkpoint leaves its temporary folder; the next run removes it (not a live one's)."""
+    import os
+    import signal
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, time, safetensors.torch as st
+        from pathlib import Path
+        from vitprune.checkpoint import atomic_write
+        def slow(tmp):
+            Path(tmp).write_bytes(b"x" * 1000)
+            Path(tmp).with_name(".tmpABC123").write_bytes(b"y")  # what a library's own temp file looks like
+            print("writing", flush=True)
+            time.sleep(60)
+        atomic_write(Path({str(tmp_path)!r}) / "run.ckpt.safetensors", slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    live = [p for p in tmp_path.iterdir() if p.name.startswith(".run.ckpt")]
+    assert len(live) == 1 and live[0].is_dir()
+    from vitprune.checkpoint import clean_stray_temps
+
+    assert clean_stray_temps(tmp_path) == []  # the writer is alive: its files stay
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    model = smoke_model(smoke_params, digits_bundle)
+    train(model, digits_bundle, cfg(epochs=1), tmp_path, "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt.safetensors"]

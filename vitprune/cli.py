@@ -1,4 +1,4 @@
-"""The `vitprune` command: train, sparse-train, prune, finetune, decompose, evaluate, info, reproduce."""
+"""The `vitprune` command: train, sparse-train, prune, finetune, decompose, evaluate, info, export, reproduce."""
 
 from __future__ import annotations
 
@@ -7,22 +7,41 @@ import json
 import sys
 from pathlib import Path
 
+from vitprune.names import CALIBRATED_METHODS
+
 DEFAULT_PARAMS = "params/default.yaml"
 
 
-def _common(parser: argparse.ArgumentParser, params_default: str | None = DEFAULT_PARAMS) -> None:
-    parser.add_argument("--params", default=params_default, help="parameter set (YAML)")
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=None,
+                        help=f"parameter set (YAML; default: the one the model file records, else {DEFAULT_PARAMS})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--run-dir", default=None, help="artifact folder (default runs/<params name>)")
 
 
-def _load(args):
+def _params_file(args, model_path: Path | None = None) -> str:
+    """--params if given; else the parameter file a model file records (when it exists here); else the default."""
+    if args.params:
+        return args.params
+    if model_path is not None and model_path.is_file():
+        from vitprune.checkpoint import PARAMS_KEY, read_metadata
+
+        recorded = json.loads(read_metadata(model_path).get(PARAMS_KEY, "{}")).get("file")
+        if recorded and Path(recorded).is_file():
+            return recorded
+    return DEFAULT_PARAMS
+
+
+def _load(args, model_path: Path | None = None):
     import vitprune as vp
+    from vitprune.errors import ParamsError
     from vitprune.params import parse_set_args
 
-    p = vp.load_params(args.params, parse_set_args(args.set))
+    p = vp.load_params(_params_file(args, model_path), parse_set_args(args.set))
     run_dir = Path(args.run_dir or Path("runs") / p.name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ParamsError(f"--run-dir '{run_dir}' is a file; give a folder (it is created if missing)")
     return p, run_dir
 
 
@@ -35,6 +54,25 @@ def _data_and_input(p):
 
     bundle = vp.load_data(p.data, seed=p.train.seed)
     return bundle, (1, bundle.in_chans, bundle.image_size, bundle.image_size)
+
+
+def _load_for(path: Path, bundle, p, role: str = "model"):
+    """A model file, refused clearly if it does not take this parameter set's images or classes."""
+    import vitprune as vp
+    from vitprune.checkpoint import model_input
+    from vitprune.errors import ModelError
+
+    model = vp.load_model(path)
+    want = model_input(model)
+    size = want["img_size"]
+    fits_size = want["dynamic_img_size"] or size is None or list(size) == [bundle.image_size] * 2
+    if want["in_chans"] != bundle.in_chans or not fits_size or want["num_classes"] != bundle.num_classes:
+        shown = "x".join(map(str, size)) if size else "any size"
+        raise ModelError(f"{role} '{path}' takes {want['in_chans']}-channel {shown} images and predicts "
+                         f"{want['num_classes']} classes; parameter set '{p.source}' gives {bundle.in_chans}-channel "
+                         f"{bundle.image_size}x{bundle.image_size} {bundle.name} images with {bundle.num_classes} "
+                         "classes; pass --params of the set the model was trained with")
+    return model
 
 
 def cmd_train(args) -> None:
@@ -53,20 +91,28 @@ def cmd_train(args) -> None:
 
 
 def _checkpoint(args, run_dir: Path, default: str) -> Path:
+    from vitprune.errors import ModelError
+
     path = Path(args.checkpoint) if getattr(args, "checkpoint", None) else run_dir / default
+    if path.is_dir():
+        raise ModelError(f"checkpoint '{path}' is a directory; give a .safetensors model file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; run the earlier stage first "
-                                f"(or pass the checkpoint path)")
+        raise ModelError(f"checkpoint '{path}' does not exist; run the earlier stage first "
+                         f"(or pass the checkpoint path)")
     return path
+
+
+def _given(args) -> Path | None:
+    return Path(args.checkpoint) if getattr(args, "checkpoint", None) else None
 
 
 def cmd_sparse_train(args) -> None:
     import vitprune as vp
     from vitprune.training import fit
 
-    p, run_dir = _load(args)
+    p, run_dir = _load(args, _given(args))
     bundle, _ = _data_and_input(p)
-    model = vp.load_model(_checkpoint(args, run_dir, "dense.safetensors"))
+    model = _load_for(_checkpoint(args, run_dir, "dense.safetensors"), bundle, p)
     vp.attach_gates(model, p.sparse.sites)
     history = fit(p, "sparse", model, bundle, run_dir, "sparse")
     _print({"model": str(run_dir / "sparse.safetensors"), **(history[-1] if history else {})})
@@ -74,50 +120,66 @@ def cmd_sparse_train(args) -> None:
 
 def cmd_prune(args) -> None:
     import vitprune as vp
+    from vitprune.experiments import prune_variant
 
-    p, run_dir = _load(args)
+    p, run_dir = _load(args, _given(args))
     bundle, shape = _data_and_input(p)
-    model = vp.load_model(_checkpoint(args, run_dir, "sparse.safetensors"))
+    model = _load_for(_checkpoint(args, run_dir, "sparse.safetensors"), bundle, p)
     batches = None
     if args.score == "taylor":
         batches = vp.calibration_batches(bundle, p.data.calib_batches, p.data.batch_size)
     scores = vp.importance_scores(model, args.score, batches=batches, sites=p.sparse.sites, seed=p.train.seed)
-    from vitprune.pruning import prune_variant
-
     stem, small, plan = prune_variant(model, scores, args.score, args.ratio, p.prune, run_dir)
     _print({"model": str(run_dir / f"{stem}.safetensors"), "realised_ratio": plan.realised_ratio,
             **vp.evaluate(small, vp.test_batches(bundle, p.data.eval_batch_size)), **vp.model_summary(small, shape)})
 
 
 def cmd_finetune(args) -> None:
-    import vitprune as vp
     from vitprune.training import fit
 
-    p, run_dir = _load(args)
+    p, run_dir = _load(args, _given(args))
     bundle, _ = _data_and_input(p)
     source = _checkpoint(args, run_dir, "")
-    model = vp.load_model(source)
-    teacher = vp.load_model(args.teacher) if args.teacher else None
+    model = _load_for(source, bundle, p)
+    teacher = _load_for(_teacher_path(args.teacher), bundle, p, "teacher") if args.teacher else None
     name = source.name.removesuffix(".safetensors") + "_ft"
     history = fit(p, "finetune", model, bundle, source.parent, name, teacher=teacher)
     _print({"model": str(source.parent / f"{name}.safetensors"), **(history[-1] if history else {})})
 
 
+def _teacher_path(text: str) -> Path:
+    from vitprune.errors import ModelError
+
+    path = Path(text)
+    if not path.is_file():
+        raise ModelError(f"--teacher '{path}' is not a model file; give the dense model, e.g. "
+                         "runs/default/dense.safetensors")
+    return path
+
+
 def cmd_decompose(args) -> None:
     import vitprune as vp
+    from vitprune.errors import DecomposeError, ModelError
 
-    model = vp.load_model(args.checkpoint)
+    source = _checkpoint(args, Path("."), "")
+    out = Path(args.out) if args.out else source.with_name(source.stem + f"_{args.method}.safetensors")
+    if out.is_dir():
+        raise ModelError(f"--out '{out}' is a directory; give the file to write, e.g. {out / source.name}")
+    model = vp.load_model(source)
     calibration = None
-    if args.method == "svd_activation":
-        p, _ = _load(args)
+    if args.method in CALIBRATED_METHODS:
+        p, _ = _load(args, source)
         bundle, _ = _data_and_input(p)
+        _load_for(source, bundle, p)
         calibration = vp.calibration_batches(bundle, p.data.calib_batches, p.data.batch_size)
     new = vp.decompose_model(model, args.method, rank=args.rank, rank_ratio=args.rank_ratio, energy=args.energy,
                              param_budget=args.param_budget, calibration=calibration, layers=args.layers)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
-        Path(args.checkpoint).stem + f"_{args.method}.safetensors")
-    vp.save_model(new, out)
     report = vp.decomposition_report(model, new)
+    if not report:
+        raise DecomposeError(f"no layer of '{source}' is factorized at these settings: an m x n layer saves "
+                             "parameters only below rank m*n/(m+n); choose a smaller rank, rank ratio, energy or "
+                             "a larger budget (nothing was written)")
+    vp.save_model(new, out)
     _print({"model": str(out), "params": vp.count_params(new), "params_before": vp.count_params(model),
             "layers_factorized": len(report),
             "mean_rel_error": sum(r["rel_error"] for r in report) / max(1, len(report))})
@@ -126,9 +188,10 @@ def cmd_decompose(args) -> None:
 def cmd_evaluate(args) -> None:
     import vitprune as vp
 
-    p, _ = _load(args)
+    source = _checkpoint(args, Path("."), "")
+    p, _ = _load(args, source)
     bundle, shape = _data_and_input(p)
-    model = vp.load_model(args.checkpoint)
+    model = _load_for(source, bundle, p)
     _print({**vp.evaluate(model, vp.test_batches(bundle, p.data.eval_batch_size)), **vp.model_summary(model, shape)})
 
 
@@ -136,21 +199,47 @@ def cmd_info(args) -> None:
     import timm
 
     import vitprune as vp
+    from vitprune.checkpoint import model_input
+    from vitprune.errors import ModelError
+    from vitprune.models import create_vit
 
+    if args.image_size is not None and not 8 <= args.image_size <= 4096:
+        raise ModelError(f"--image-size {args.image_size} is out of range; accepted: 8..4096 pixels")
     if Path(args.target).is_file():
         model = vp.load_model(args.target)
-        kw = model.vitprune_arch["kwargs"]
-        size, chans = kw.get("img_size", 224), kw.get("in_chans", 3)
     elif timm.is_model(args.target):
-        model = timm.create_model(args.target, pretrained=False)
-        chans, size = model.pretrained_cfg.get("input_size", (3, 224, 224))[:2]
+        model = create_vit(args.target, {"img_size": args.image_size} if args.image_size else {})
     else:
-        raise FileNotFoundError(f"'{args.target}' is neither a model file nor a timm model name")
-    size = args.image_size or (size if isinstance(size, int) else size[0])
-    shape = (1, chans, size, size)
+        raise ModelError(f"'{args.target}' is neither a model file nor a timm model name "
+                         "(see timm.list_models('*vit*'))")
+    want = model_input(model)
+    size = want["img_size"][0] if want["img_size"] else None
+    if args.image_size and size and args.image_size != size and not want["dynamic_img_size"]:
+        raise ModelError(f"--image-size {args.image_size}: model '{args.target}' takes {size}x{size} images only")
+    size = args.image_size or size
+    shape = (1, want["in_chans"], size, size)
     macs = vp.count_macs(model, shape)
     _print({"target": args.target, "input": list(shape), "params": vp.count_params(model), "macs": macs,
             "GMACs": macs / 1e9})
+
+
+def cmd_export(args) -> None:
+    import vitprune as vp
+    from vitprune.errors import ModelError
+    from vitprune.export import TOLERANCE, check_onnx, export_onnx
+
+    source = _checkpoint(args, Path("."), "")
+    model = vp.load_model(source)
+    out = Path(args.onnx) if args.onnx else source.with_suffix(".onnx")
+    if out.is_dir():
+        raise ModelError(f"--onnx '{out}' is a directory; give the file to write, e.g. {out / source.stem}.onnx")
+    export_onnx(model, out, opset=args.opset)
+    diff = check_onnx(model, out, batch=args.batch)
+    if diff > TOLERANCE:
+        raise ModelError(f"'{out}' was written, but onnxruntime's logits differ from PyTorch's by {diff:.3g} "
+                         f"(> {TOLERANCE}); do not deploy it")
+    _print({"onnx": str(out), "source": str(source), "max_abs_diff": diff, "checked_batch": args.batch,
+            "params": vp.count_params(model)})
 
 
 def cmd_reproduce(args) -> None:
@@ -162,7 +251,7 @@ def cmd_reproduce(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitprune.decompose import LAYERS, METHODS
+    from vitprune.names import CRITERIA, DECOMPOSE_METHODS, LAYERS
 
     parser = argparse.ArgumentParser(prog="vitprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("checkpoint", nargs="?", help="gated model (default runs/<set>/sparse.safetensors)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of gated dims to remove, in [0, 1)")
-    p.add_argument("--score", default="gates", choices=["gates", "magnitude", "taylor", "random"])
+    p.add_argument("--score", default="gates", choices=CRITERIA)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pruned or decomposed model")
@@ -192,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decompose", help="factorize a model's linear projections")
     _common(p)
     p.add_argument("checkpoint", help="model file")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=DECOMPOSE_METHODS)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--rank", type=int)
     group.add_argument("--rank-ratio", type=float)
@@ -212,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("export", help="export a model file to ONNX (gates folded) and check it in onnxruntime")
+    p.add_argument("checkpoint", help="model file")
+    p.add_argument("--onnx", help="output file (default <checkpoint>.onnx)")
+    p.add_argument("--opset", type=int, default=17, choices=range(14, 22), metavar="{14..21}")
+    p.add_argument("--batch", type=int, default=8, choices=range(1, 1025), metavar="{1..1024}",
+                   help="images in the check batch (the batch size stays dynamic)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("reproduce", help="run the notebook sequence with papermill and regenerate figures/")
     p.add_argument("params_file", help="params/<set>.yaml")
     p.add_argument("--only", type=int, help="run only stage N")
@@ -226,27 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitprune.data import DataError
-    from vitprune.decompose import DecomposeError
-    from vitprune.models import ModelError
-    from vitprune.params import ParamsError
-    from vitprune.pruning import PruneError
-    from vitprune.scoring import ScoringError
+    from vitprune.errors import VitpruneError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParamsError, DataError, ModelError, PruneError, DecomposeError, ScoringError, FileNotFoundError) as err:
-        print(f"vitprune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        from vitprune.pipeline import StageFailed
-        from vitprune.training import TrainingDiverged
-
-        if isinstance(err, (StageFailed, TrainingDiverged)):
-            print(f"vitprune {args.command}: error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except VitpruneError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"vitprune {args.command}: error: {message}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

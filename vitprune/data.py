@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from vitprune.errors import DataError
+from vitprune.names import DATASETS
 from vitprune.params import DataParams
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-class DataError(ValueError):
-    """A dataset that is missing or malformed; the message names the path and the expected layout."""
 
 
 @dataclass
@@ -189,8 +187,7 @@ def load_data(p: DataParams, seed: int = 0) -> DataBundle:
         return load_cifar(p, 10 if p.name == "cifar10" else 100)
     if p.name == "imagefolder":
         return load_imagefolder(p)
-    raise DataError(f"data.name '{p.name}' is unknown; accepted: mnist5k, digits, cifar10, cifar100, imagefolder, "
-                    "synthetic")
+    raise DataError(f"data.name '{p.name}' is unknown; accepted: {', '.join(DATASETS)}")
 
 
 # ---------------------------------------------------------------- loaders

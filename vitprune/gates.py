@@ -16,19 +16,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vitprune.models import ModelError, PrunableAttention, PrunableMlp, _gate, make_prunable, vit_blocks
+from vitprune.errors import ModelError
+from vitprune.layers import PrunableAttention, PrunableMlp, make_prunable, new_gate, site_width, vit_blocks
+from vitprune.names import DEFAULT_SITES, GATE_SITES
 
-DEFAULT_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
-ALL_SITES = DEFAULT_SITES + ("qk",)
 # site -> (module attribute of the block, gate parameter name)
 SITE_SLOT = {"attn_in": ("attn", "gate_in"), "attn_out": ("attn", "gate_out"), "qk": ("attn", "gate_qk"),
              "mlp_in": ("mlp", "gate_in"), "mlp_hidden": ("mlp", "gate_hidden")}
 
-
-def _site_size(attn: PrunableAttention, mlp: PrunableMlp, site: str) -> int:
-    return {"attn_in": attn.qkv.in_features, "attn_out": attn.num_heads * attn.v_head_dim,
-            "qk": attn.num_heads * attn.qk_head_dim, "mlp_in": mlp.fc1.in_features,
-            "mlp_hidden": mlp.fc1.out_features}[site]
 
 
 def _check_exact(i: int, attn: PrunableAttention, mlp: PrunableMlp, site: str) -> None:
@@ -45,9 +40,9 @@ def _check_exact(i: int, attn: PrunableAttention, mlp: PrunableMlp, site: str) -
 def attach_gates(model: nn.Module, sites: Iterable[str] = DEFAULT_SITES) -> nn.Module:
     """Add ones-initialised gates at `sites` in every block (in place); timm's own weight keys are unchanged."""
     sites = tuple(sites)
-    unknown = [s for s in sites if s not in ALL_SITES]
+    unknown = [s for s in sites if s not in GATE_SITES]
     if unknown or not sites:
-        raise ModelError(f"unknown gate sites {unknown or sites}; accepted: {', '.join(ALL_SITES)}")
+        raise ModelError(f"unknown gate sites {unknown or sites}; accepted: {', '.join(GATE_SITES)}")
     blocks = vit_blocks(model)
     make_prunable(model)
     for i, block in enumerate(blocks):
@@ -57,8 +52,8 @@ def attach_gates(model: nn.Module, sites: Iterable[str] = DEFAULT_SITES) -> nn.M
             owner, name = SITE_SLOT[site]
             module = getattr(block, owner)
             if getattr(module, name) is None:
-                size = _site_size(block.attn, block.mlp, site)
-                setattr(module, name, _gate(size).to(module_device(module)))
+                size = site_width(block.attn, block.mlp, site)
+                setattr(module, name, new_gate(size).to(module_device(module)))
     return model
 
 

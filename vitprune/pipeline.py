@@ -16,25 +16,24 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from vitprune.params import ParamsError, load_params
-from vitprune.reporting import STAGES, write_json
+from vitprune.checkpoint import write_json
+from vitprune.errors import ParamsError, StageFailed
+from vitprune.names import STAGES
+from vitprune.params import load_params
+from vitprune.stage import DEPENDS
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-# which earlier stages each stage reads
-DEPENDS = {
-    "01_sparse_training": (),
-    "02_scoring": ("01_sparse_training",),
-    "03_pruning": ("01_sparse_training", "02_scoring"),
-    "04_svd": ("03_pruning",),
-    "05_qr": ("03_pruning",),
-    "06_lu": ("03_pruning",),
-    "07_finetuning": ("01_sparse_training", "03_pruning", "04_svd", "05_qr", "06_lu"),
-    "08_comparison": STAGES[:7],
-}
+PACKAGE_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-class StageFailed(RuntimeError):
-    """A notebook raised; the message names the notebook, the cell and the error."""
+def notebooks_dir() -> Path:
+    """The notebooks of the checkout in the working directory, else those beside the installed package."""
+    here = Path.cwd() / "notebooks"
+    if all((here / f"{stage}.ipynb").is_file() for stage in STAGES):
+        return here
+    if all((PACKAGE_NOTEBOOKS / f"{stage}.ipynb").is_file() for stage in STAGES):
+        return PACKAGE_NOTEBOOKS
+    raise ParamsError(f"no notebooks/ folder with {', '.join(STAGES)} in '{Path.cwd()}' or beside the installed "
+                      f"package ('{PACKAGE_NOTEBOOKS.parent}'); run from the project root")
 
 
 def smoke_overrides(params_file: str | Path) -> dict[str, Any]:
@@ -82,13 +81,15 @@ def _record_digest(run_dir: Path, stage: str) -> str | None:
 
 def stage_hash(stage: str, params_dict: dict[str, Any], run_dir: Path) -> str:
     """Content hash of what a stage depends on: notebook, parameters, records of the stages it reads."""
-    notebook = (NOTEBOOKS / f"{stage}.ipynb").read_bytes()
+    notebook = (notebooks_dir() / f"{stage}.ipynb").read_bytes()
     deps = {d: _record_digest(run_dir, d) for d in DEPENDS[stage]}
     params = {k: v for k, v in params_dict.items() if k != "source"}
     return _digest(notebook, params, deps)
 
 
 def _select(only: int | None, start: int | None) -> list[str]:
+    if only is not None and start is not None:
+        raise ParamsError(f"--only {only} and --from {start} contradict each other; give one of them")
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and not 1 <= value <= len(STAGES):
             raise ParamsError(f"{flag} {value}: accepted stage numbers are 1..{len(STAGES)} ({', '.join(STAGES)})")
@@ -105,6 +106,7 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
 
     overrides = {**(smoke_overrides(params_file) if smoke else {}), **(overrides or {})}
     p = load_params(params_file, overrides)  # validates before anything runs
+    selected = _select(only, start)
     run_dir = Path(runs_root) / p.name
     nb_dir = run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,6 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
     kernel = _kernel_name()
     timing: dict[str, Any] = {"params": str(params_file), "smoke": smoke, "stages": {}}
     t_start = time.perf_counter()
-    selected = _select(only, start)
     bar = tqdm(selected, desc=f"reproduce {p.name}", unit="stage")
     for stage in bar:
         bar.set_postfix_str(stage)
@@ -124,7 +125,7 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
         t0 = time.perf_counter()
         out_nb = nb_dir / f"{stage}.ipynb"
         try:
-            pm.execute_notebook(str(NOTEBOOKS / f"{stage}.ipynb"), str(out_nb), kernel_name=kernel,
+            pm.execute_notebook(str(notebooks_dir() / f"{stage}.ipynb"), str(out_nb), kernel_name=kernel,
                                 parameters={"params_file": str(params_file), "overrides": overrides,
                                             "runs_root": str(runs_root), "figures_root": str(figures_root)},
                                 progress_bar=False, cwd=str(Path.cwd()))

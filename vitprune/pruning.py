@@ -15,21 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vitprune.gates import SITE_SLOT, _site_size, fold_gates, gate_parameters
-from vitprune.models import (
-    PrunableAttention,
-    apply_block_structure,
-    atomic_write,
-    make_prunable,
-    vit_blocks,
-)
+from vitprune.checkpoint import apply_block_structure, atomic_write
+from vitprune.errors import PruneError
+from vitprune.gates import SITE_SLOT, fold_gates, gate_parameters
+from vitprune.layers import PrunableAttention, make_prunable, site_width, vit_blocks
+from vitprune.names import HEAD_SITES
 
-HEAD_SITES = ("attn_out", "qk")
 Scores = dict[tuple[int, str], torch.Tensor]
-
-
-class PruneError(ValueError):
-    """A pruning request or plan that cannot be applied; the message names the culprit."""
 
 
 @dataclass
@@ -160,7 +152,7 @@ def _site_sizes(model: nn.Module, scores: Scores) -> dict[tuple[int, str], int]:
         if site not in SITE_SLOT or not 0 <= b < depth:
             raise PruneError(f"score key {(b, site)} does not name a block (0..{depth - 1}) and a gate site "
                              f"({', '.join(SITE_SLOT)})")
-        size = _site_size(model.blocks[b].attn, model.blocks[b].mlp, site)
+        size = site_width(model.blocks[b].attn, model.blocks[b].mlp, site)
         if s.numel() != size:
             raise PruneError(f"scores for block {b} site {site} have {s.numel()} entries; the model has {size} dims")
         sizes[(b, site)] = size
@@ -182,7 +174,7 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
     for (b, site), size in plan.sizes.items():
         if b >= len(blocks) or site not in SITE_SLOT:
             raise PruneError(f"plan names block {b} site {site}, which the model does not have")
-        actual = _site_size(blocks[b].attn, blocks[b].mlp, site)
+        actual = site_width(blocks[b].attn, blocks[b].mlp, site)
         if actual != size:
             raise PruneError(f"plan expects {size} dims at block {b} site {site}; the model has {actual}")
         idx = plan.kept[(b, site)]
@@ -306,22 +298,3 @@ def pruned_architecture(model: nn.Module) -> list[dict[str, int]]:
                      "v_head_dim": getattr(a, "v_head_dim", a.head_dim), "attn_in": a.qkv.in_features,
                      "mlp_in": m.fc1.in_features, "mlp_hidden": m.fc1.out_features})
     return rows
-
-
-def variant_name(criterion: str, ratio: float) -> str:
-    return f"pruned_{criterion}_{round(ratio * 100):02d}"
-
-
-def prune_variant(model: nn.Module, scores: Scores, criterion: str, ratio: float, options: Any,
-                  run_dir: str | Path) -> tuple[str, nn.Module, PrunePlan]:
-    """Plan with `options` (a PruneParams), prune, and save model and plan as runs/<set>/pruned_<crit>_<NN>.*"""
-    plan = plan_pruning(model, scores, ratio, scope=options.scope, min_keep=options.min_keep,
-                        round_to=options.round_to, head_mode=options.head_mode)
-    plan.meta["criterion"] = criterion
-    small = prune(model, plan)
-    name = variant_name(criterion, ratio)
-    from vitprune.models import save_model
-
-    save_model(small, Path(run_dir) / f"{name}.safetensors")
-    plan.save(Path(run_dir) / f"{name}.plan.json")
-    return name, small, plan

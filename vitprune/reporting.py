@@ -1,39 +1,24 @@
-"""Stage records, figures and tables: one plot style, PNG + PDF, tables as Markdown, CSV and LaTeX.
+"""Figures and tables: one plot style, PNG + PDF, tables as Markdown, CSV and LaTeX; nothing else.
 
-A notebook opens its stage with `Stage(...)`, reads earlier stages' records with `require`, saves
-figures/tables (staged under runs/<set>/staging/<stage>/) and calls `finish`, which publishes them
-into figures/<set>/ and writes the stage record. A stage that fails half-way leaves figures/ as it was,
-and a file already owned by another notebook is refused, so each file has exactly one author.
+The notebooks draw with the `plot_*` functions and write through their `Stage` (see `stage`), which
+stages files and publishes them into figures/<set>/ with one author per file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from vitprune.checkpoint import atomic_write
+from vitprune.names import DEFAULT_SITES
 
-from vitprune.models import atomic_write  # noqa: E402
-from vitprune.params import Params, load_params  # noqa: E402
-
-STAGES = ("01_sparse_training", "02_scoring", "03_pruning", "04_svd", "05_qr", "06_lu", "07_finetuning",
-          "08_comparison")
-MANIFEST = "MANIFEST.json"
-TIMING_WORDS = ("latency", "time")  # measured columns, excluded from reproducibility checks
-
-
-class MissingStageError(RuntimeError):
-    """An earlier stage's output is absent; the message names the notebook to run first."""
+TIMING_WORDS = ("latency", "time", "speedup", "faster")  # measured columns, excluded from reproducibility checks
 
 
 # ---------------------------------------------------------------- style
@@ -82,125 +67,10 @@ def save_table(df: pd.DataFrame, stem: Path) -> list[Path]:
     return paths
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=float)))
-    return path
-
-
 def reproducible_columns(df: pd.DataFrame) -> pd.DataFrame:
     """The table without measured-time columns (latency, durations), which differ run to run."""
     measured = [c for c in df.columns if any(w in c.lower() for w in TIMING_WORDS) or c.endswith(("_ms", "_s"))]
     return df.drop(columns=measured)
-
-
-# ---------------------------------------------------------------- stages
-
-def project_base(params_file: str | Path) -> Path:
-    """Where relative paths resolve: the working directory, or the project root when run from notebooks/."""
-    if Path(params_file).is_absolute() or Path(params_file).exists():
-        return Path(".")
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / params_file).exists() else Path(".")
-
-
-class Stage:
-    """A notebook's handle on its parameters, inputs and outputs."""
-
-    def __init__(self, name: str, params_file: str, overrides: dict[str, Any] | None = None,
-                 runs_root: str | Path = "runs", figures_root: str | Path = "figures"):
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; accepted: {', '.join(STAGES)}")
-        self.name = name
-        base = project_base(params_file)
-        self.p: Params = load_params(base / params_file, overrides or {})
-        self.run_dir = base / runs_root / self.p.name
-        self.fig_dir = base / figures_root / self.p.name
-        self.staging = self.run_dir / "staging" / name
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._bundle = None
-        use_style()
-
-    @property
-    def bundle(self):
-        """The dataset of this parameter set (loaded once)."""
-        if self._bundle is None:
-            from vitprune.data import load_data
-
-            self._bundle = load_data(self.p.data, seed=self.p.train.seed)
-        return self._bundle
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        b = self.bundle
-        return (1, b.in_chans, b.image_size, b.image_size)
-
-    def test_batches(self):
-        from vitprune.data import test_batches
-
-        return test_batches(self.bundle, self.p.data.eval_batch_size)
-
-    def calibration(self) -> list:
-        """Fixed un-augmented training batches (Taylor scores, activation-aware SVD)."""
-        from vitprune.data import calibration_batches
-
-        return calibration_batches(self.bundle, self.p.data.calib_batches, self.p.data.batch_size, self.p.train.seed)
-
-    def profile(self, model) -> dict[str, float]:
-        """Test accuracy, params, MACs and measured latency (bench settings of the parameter set)."""
-        from vitprune.metrics import profile_model
-
-        b = self.p.bench
-        return profile_model(model, self.test_batches(), self.input_shape, b.batch_sizes, b.repeats, b.warmup,
-                             b.threads)
-
-    def path(self, filename: str) -> Path:
-        return self.run_dir / filename
-
-    def require(self, stage: str) -> dict[str, Any]:
-        """The record an earlier stage wrote; MissingStageError naming the notebook if it has not run."""
-        path = self.run_dir / f"{stage}.json"
-        if not path.is_file():
-            raise MissingStageError(f"{self.name} needs the output of notebook {stage}.ipynb, which has not run for "
-                                    f"'{self.p.name}' ({path} is missing); run it first: vitprune reproduce "
-                                    f"{self.p.source} --only {int(stage[:2])}")
-        return json.loads(path.read_text())
-
-    def model(self, filename: str, stage: str):
-        """Load a model file an earlier stage wrote (clear error naming that stage if absent)."""
-        from vitprune.models import load_model
-
-        self.require(stage)
-        path = self.run_dir / filename
-        if not path.is_file():
-            raise MissingStageError(f"{path} is missing; re-run notebook {stage}.ipynb")
-        return load_model(path)
-
-    def save_figure(self, fig: plt.Figure, name: str) -> None:
-        save_figure(fig, self.staging / name)
-
-    def save_table(self, df: pd.DataFrame, name: str) -> pd.DataFrame:
-        save_table(df, self.staging / name)
-        return df
-
-    def finish(self, record: dict[str, Any]) -> Path:
-        """Publish staged figures/tables into figures/<set>/ and write this stage's record."""
-        self.fig_dir.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.fig_dir / MANIFEST
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        staged = sorted(p for p in self.staging.iterdir() if p.is_file())
-        for path in staged:
-            owner = manifest.get(path.name)
-            if owner not in (None, self.name):
-                raise RuntimeError(f"{self.fig_dir / path.name} is written by notebook {owner}; "
-                                   f"{self.name} must not write it too")
-        for path in staged:
-            os.replace(path, self.fig_dir / path.name)
-            manifest[path.name] = self.name
-        write_json(manifest_path, dict(sorted(manifest.items())))
-        return write_json(self.run_dir / f"{self.name}.json", {"stage": self.name, "params": self.p.name,
-                                                               "figures": [p.name for p in staged], **record})
 
 
 # ---------------------------------------------------------------- plots
@@ -261,7 +131,7 @@ def plot_score_distributions(scores: dict[tuple[int, str], Any]) -> plt.Figure:
 
 def plot_kept_dims(archs: dict[str, list[dict[str, int]]], dense: list[dict[str, int]]) -> plt.Figure:
     """Kept width per block and site for each pruned model (fraction of the dense width)."""
-    cols = ["attn_in", "attn_out", "mlp_in", "mlp_hidden"]
+    cols = list(DEFAULT_SITES)
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), sharey=True)
     for ax, col in zip(axes, cols):
         for label, arch in archs.items():
@@ -302,14 +172,6 @@ def plot_lines(df: pd.DataFrame, x: str, y: str, hue: str, title: str, logx: boo
         ax.set_yscale("log")
     ax.set_title(title)
     return fig
-
-
-def with_finetuned(tuned: pd.DataFrame, df: pd.DataFrame, key: str = "variant") -> pd.DataFrame:
-    """`df` plus top1_ft/top5_ft looked up by `key` in the fine-tuning results (indexed by variant)."""
-    df = df.copy()
-    df["top1_ft"] = df[key].map(tuned["top1"])
-    df["top5_ft"] = df[key].map(tuned["top5"])
-    return df
 
 
 def pareto_front(cost: Sequence[float], accuracy: Sequence[float]) -> list[int]:

@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitprune.gates import DEFAULT_SITES, SITE_SLOT, _site_size, attach_gates, fold_gates, gate_parameters
-from vitprune.models import atomic_write, make_prunable
+from vitprune.checkpoint import atomic_write
+from vitprune.errors import ScoringError
+from vitprune.gates import SITE_SLOT, attach_gates, fold_gates, gate_parameters
+from vitprune.layers import make_prunable, site_width
+from vitprune.names import CRITERIA, DEFAULT_SITES
 
 Scores = dict[tuple[int, str], torch.Tensor]
-CRITERIA = ("gates", "magnitude", "taylor", "random")
-
-
-class ScoringError(ValueError):
-    """A scoring request that cannot be served; the message names what is missing."""
 
 
 def _sites(model: nn.Module, sites: Iterable[str] | None) -> tuple[str, ...]:
@@ -95,7 +93,7 @@ def random_scores(model: nn.Module, sites: Iterable[str] | None = None, seed: in
     sites = _sites(model, sites)
     make_prunable(model)
     gen = torch.Generator().manual_seed(seed)
-    return {(b, s): torch.rand(_site_size(blk.attn, blk.mlp, s), generator=gen)
+    return {(b, s): torch.rand(site_width(blk.attn, blk.mlp, s), generator=gen)
             for b, blk in enumerate(model.blocks) for s in sites}
 
 

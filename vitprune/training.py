@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -26,18 +25,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from vitprune.checkpoint import atomic_write, clean_stray_temps, save_model
 from vitprune.data import DataBundle, test_batches, train_batches
+from vitprune.errors import ModelError, TrainingDiverged
 from vitprune.gates import gate_statistics, is_gate, l1_penalty
 from vitprune.metrics import evaluate
-from vitprune.models import OPTIM_PREFIX, ModelError, atomic_write, read_checkpoint, save_model
 from vitprune.params import Params
-
-# keys that may change between an interrupted run and its resumption (epochs may not: the schedule depends on it)
-RESUMABLE_CHANGES = {"progress", "threads"}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+from vitprune.resume import resume_from, save_checkpoint, weights_digest
 
 
 @dataclass
@@ -144,50 +138,6 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    state = opt.state_dict()
-    tensors = {}
-    for idx, entry in state["state"].items():
-        for key, value in entry.items():
-            tensors[f"{OPTIM_PREFIX}{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-    return tensors, groups
-
-
-def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(OPTIM_PREFIX):
-            idx, name = key[len(OPTIM_PREFIX):].split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None, info: dict[str, Any]) -> None:
-    """One atomic safetensors file: model weights + spec, optimizer tensors, training state as JSON.
-
-    A finished run (opt=None) keeps no optimizer state: nothing is left to resume, and it is 3x smaller.
-    """
-    tensors, groups = _optim_tensors(opt) if opt is not None else ({}, None)
-    save_model(model, path, extra_tensors=tensors,
-               metadata={"vitprune_train": json.dumps({**info, "param_groups": groups})})
-
-
-def weights_digest(model: nn.Module) -> str:
-    """Fingerprint of a model's weights: a checkpoint resumes only the run that started from them."""
-    h = hashlib.sha1()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
-
-
 # ---------------------------------------------------------------- the loop
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, teacher_logits: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +150,25 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, teacher_logit
     return loss
 
 
+@dataclass
+class _Loop:
+    """What every step of one training run needs."""
+
+    model: nn.Module
+    ddp: nn.Module
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    name: str
+    ckpt: Path
+    teacher: nn.Module | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
 def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str | Path, name: str = "train",
           teacher: nn.Module | None = None, resume: bool = True,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -209,95 +178,122 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
     An existing checkpoint of the same configuration is resumed exactly (a finished one returns at
     once); every epoch reseeds from (seed, epoch), so an interrupted run ends where an
     uninterrupted one would. A checkpoint made with other settings raises, or with
-    ``on_config_change="restart"`` is moved aside to <name>.ckpt.<digest>.safetensors (kept) and
-    training starts over.
+    ``on_config_change="restart"`` is moved aside to <name>.ckpt.<digest>.safetensors (kept, with a
+    warning) and training starts over.
     """
     rank, world, local_rank = distributed_context()
     device = resolve_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
+    if rank == 0:
+        clean_stray_temps(run_dir)
     ckpt = run_dir / f"{name}.ckpt.safetensors"
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
     config = {**dataclasses.asdict(cfg), "initial_weights": weights_digest(model)}
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
+    start_epoch, history = 0, []
     if resume and ckpt.is_file():
-        tensors, meta = read_checkpoint(ckpt)
-        info = json.loads(meta.get("vitprune_train", "{}"))
-        changed = _config_changes(info.get("config", {}), config)
-        if changed and on_config_change == "error":
-            raise ModelError(f"checkpoint '{ckpt}' was made with different settings ({', '.join(changed)}); "
-                             "use another run name or delete it to start over")
-        if changed:
-            digest = hashlib.sha1(json.dumps(info.get("config", {}), sort_keys=True).encode()).hexdigest()[:8]
-            if rank == 0:
-                os.replace(ckpt, ckpt.with_name(f"{name}.ckpt.{digest}.safetensors"))
-        else:
-            model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)})
-            if info["param_groups"] is not None:
-                _restore_optim(opt, tensors, info["param_groups"])
-            start_epoch, history = info["epoch"], info["history"]
-    steps_per_epoch = _steps_per_epoch(bundle, cfg)
-    total, warmup = steps_per_epoch * cfg.epochs, round(steps_per_epoch * cfg.warmup_epochs)
+        start_epoch, history = resume_from(ckpt, model, opt, config, on_config_change, rank)
+    steps = _steps_per_epoch(bundle, cfg)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    amp = cfg.amp and device.type == "cuda"
+    loop = _Loop(model, ddp, opt, cfg, device, rank, world, name, ckpt, teacher, steps, steps * cfg.epochs,
+                 round(steps * cfg.warmup_epochs))
     for epoch in range(start_epoch, cfg.epochs):
-        seed_everything(cfg.seed * 1000 + epoch)
-        model.train()
-        t0, loss_sum, seen, step = time.perf_counter(), 0.0, 0, epoch * steps_per_epoch
-        batches = train_batches(bundle, cfg.batch_size // cfg.accum_steps, cfg.seed, epoch, rank, world)
-        bar = tqdm(batches, total=steps_per_epoch * cfg.accum_steps, desc=f"{name} {epoch + 1}/{cfg.epochs}",
-                   leave=False, disable=not cfg.progress or rank != 0)
-        for micro, (x, y) in enumerate(bar):
-            if micro // cfg.accum_steps >= steps_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last_micro = (micro + 1) % cfg.accum_steps == 0
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                with torch.no_grad():
-                    t_logits = teacher(x) if teacher is not None and cfg.distill > 0 else None
-                sync = ddp.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-                with sync:
-                    loss = _loss(ddp(x), y, cfg, t_logits)
-                    if cfg.l1:
-                        loss = loss + l1_penalty(model, cfg.l1)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"{name}: loss became {loss.item()} at epoch {epoch + 1}, step {step}; the last good "
-                            f"checkpoint '{ckpt}' (epoch {start_epoch if not history else history[-1]['epoch']}) "
-                            "is kept. Lower the learning rate or set train.clip_grad.")
-                    (loss / cfg.accum_steps).backward()
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
-            if last_micro:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, warmup, cfg) * group["lr_scale"]
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        test = evaluate(model, test_batches(bundle, cfg.eval_batch_size, rank, world), device)
-        record = {"epoch": epoch + 1, "train_loss": _global_mean(loss_sum, seen, device),
-                  "lr": opt.param_groups[0]["lr"], "test_top1": test["top1"], "test_top5": test["top5"],
-                  "test_loss": test["loss"], "epoch_time_s": time.perf_counter() - t0, **gate_statistics(model)}
+        t0 = time.perf_counter()
+        loss_sum, seen = _train_epoch(loop, bundle, epoch, history)
+        record = _epoch_record(loop, bundle, epoch, loss_sum, seen, time.perf_counter() - t0)
         history.append(record)
-        if rank == 0:
-            finished = epoch + 1 == cfg.epochs
-            save_checkpoint(ckpt, model, None if finished else opt,
-                            {"epoch": epoch + 1, "history": history, "config": config})
-        if world > 1:
-            dist.barrier()
+        _checkpoint(loop, epoch, history, config)
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
+
+
+def _train_epoch(loop: _Loop, bundle: DataBundle, epoch: int, history: list[dict[str, Any]]) -> tuple[float, int]:
+    """One pass over the training batches; returns (summed loss, samples seen) of this rank."""
+    cfg, model = loop.cfg, loop.model
+    seed_everything(cfg.seed * 1000 + epoch)
+    model.train()
+    loss_sum, seen, step = 0.0, 0, epoch * loop.steps_per_epoch
+    batches = train_batches(bundle, cfg.batch_size // cfg.accum_steps, cfg.seed, epoch, loop.rank, loop.world)
+    bar = tqdm(batches, total=loop.steps_per_epoch * cfg.accum_steps, desc=f"{loop.name} {epoch + 1}/{cfg.epochs}",
+               leave=False, disable=not cfg.progress or loop.rank != 0)
+    for micro, (x, y) in enumerate(bar):
+        if micro // cfg.accum_steps >= loop.steps_per_epoch:
+            break
+        x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
+        last_micro = (micro + 1) % cfg.accum_steps == 0
+        loss = _backward(loop, x, y, last_micro, epoch, step, history)
+        loss_sum += loss * len(y)
+        seen += len(y)
+        if last_micro:
+            _optimizer_step(loop, step)
+            step += 1
+            bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    return loss_sum, seen
+
+
+def _backward(loop: _Loop, x: torch.Tensor, y: torch.Tensor, last_micro: bool, epoch: int, step: int,
+              history: list[dict[str, Any]]) -> float:
+    """Forward and backward of one micro-batch (gradients synchronised only on its last); returns the loss."""
+    cfg = loop.cfg
+    amp = cfg.amp and loop.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.no_grad():
+            t_logits = loop.teacher(x) if loop.teacher is not None and cfg.distill > 0 else None
+        sync = loop.ddp.no_sync() if loop.world > 1 and not last_micro else contextlib.nullcontext()
+        with sync:
+            loss = _loss(loop.ddp(x), y, cfg, t_logits)
+            if cfg.l1:
+                loss = loss + l1_penalty(loop.model, cfg.l1)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(_divergence_message(loop, float(loss.item()), epoch, step, history))
+            (loss / cfg.accum_steps).backward()
+    return loss.item()
+
+
+def _divergence_message(loop: _Loop, loss: float, epoch: int, step: int, history: list[dict[str, Any]]) -> str:
+    where = f"{loop.name}: loss became {loss} at epoch {epoch + 1}, step {step}"
+    hint = "Lower the learning rate (train.lr / sparse.lr / finetune.lr) or set train.clip_grad."
+    if not loop.ckpt.is_file():
+        return f"{where}; no checkpoint had been written yet, so nothing is kept. {hint}"
+    kept = history[-1]["epoch"] if history else 0
+    return f"{where}; the last good checkpoint '{loop.ckpt}' (epoch {kept}) is kept. {hint}"
+
+
+def _optimizer_step(loop: _Loop, step: int) -> None:
+    """Set this step's learning rate, clip, step and clear the gradients."""
+    cfg = loop.cfg
+    for group in loop.opt.param_groups:
+        group["lr"] = lr_at(step, loop.total_steps, loop.warmup_steps, cfg) * group["lr_scale"]
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.clip_grad)
+    loop.opt.step()
+    loop.opt.zero_grad(set_to_none=True)
+
+
+def _epoch_record(loop: _Loop, bundle: DataBundle, epoch: int, loss_sum: float, seen: int,
+                  seconds: float) -> dict[str, Any]:
+    """The epoch's training loss, test accuracy and gate statistics."""
+    test = evaluate(loop.model, test_batches(bundle, loop.cfg.eval_batch_size, loop.rank, loop.world), loop.device)
+    return {"epoch": epoch + 1, "train_loss": _global_mean(loss_sum, seen, loop.device),
+            "lr": loop.opt.param_groups[0]["lr"], "test_top1": test["top1"], "test_top5": test["top5"],
+            "test_loss": test["loss"], "epoch_time_s": seconds, **gate_statistics(loop.model)}
+
+
+def _checkpoint(loop: _Loop, epoch: int, history: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """Write the epoch's checkpoint on rank 0 (without optimizer state once finished); all ranks wait."""
+    if loop.rank == 0:
+        finished = epoch + 1 == loop.cfg.epochs
+        save_checkpoint(loop.ckpt, loop.model, None if finished else loop.opt,
+                        {"epoch": epoch + 1, "history": history, "config": config})
+    if loop.world > 1:
+        dist.barrier()
 
 
 def _steps_per_epoch(bundle: DataBundle, cfg: TrainConfig) -> int:
@@ -321,10 +317,29 @@ def write_history(history: list[dict[str, Any]], path: str | Path) -> Path:
 
 def fit(p: Params, stage: Literal["dense", "sparse", "finetune"], model: nn.Module, bundle: DataBundle,
         run_dir: str | Path, name: str, teacher: nn.Module | None = None) -> list[dict[str, Any]]:
-    """Train one pipeline stage and write <name>.safetensors and <name>.history.json beside its checkpoint."""
-    history = train(model, bundle, TrainConfig.from_params(p, stage), run_dir, name, teacher=teacher,
-                    on_config_change="restart")
+    """Train one pipeline stage and write <name>.safetensors and <name>.history.json beside its checkpoint.
+
+    Raises TrainingDiverged (after writing both, for inspection) when a full run ends no better than chance.
+    """
+    cfg = TrainConfig.from_params(p, stage)
+    history = train(model, bundle, cfg, run_dir, name, teacher=teacher, on_config_change="restart")
+    model.vitprune_params = {"name": p.name, "file": p.source, "data": p.data.name}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         save_model(model, Path(run_dir) / f"{name}.safetensors")
         write_history(history, Path(run_dir) / f"{name}.history.json")
+    if history and cfg.max_steps is None and bundle.name != "synthetic":
+        check_learned(history[-1], bundle, Path(run_dir) / f"{name}.safetensors")
     return history
+
+
+def check_learned(record: dict[str, Any], bundle: DataBundle, path: Path) -> None:
+    """Refuse a run that collapsed to chance without a NaN: test top-1 near 1/C and test loss >= ln C."""
+    classes = bundle.num_classes
+    if bundle.num_test() < 5 * classes:
+        return  # too few test images to tell chance from learning
+    chance = 100.0 / classes
+    if record["test_top1"] <= 1.5 * chance and record["test_loss"] >= math.log(classes):
+        raise TrainingDiverged(
+            f"{path.name}: training collapsed to chance without a NaN: test top-1 {record['test_top1']:.1f} % "
+            f"(chance {chance:.1f} %), test loss {record['test_loss']:.3g} >= ln {classes}; the model is kept at "
+            f"'{path}' for inspection. Lower the learning rate or set train.clip_grad.")

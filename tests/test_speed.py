@@ -1,0 +1,48 @@
+"""The careful timing routine, speed-up over MAC reduction in both runtimes, and factorizing only where it pays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitprune as vp
+from tests.conftest import make_arch
+from vitprune import decompose, speed
+from vitprune.speed import interleaved_times, speed_rows
+
+
+def test_interleaved_times_alternate_the_order_and_report_min_and_median():
+    calls = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = interleaved_times(runners, rounds=4, repeats=1, warmup=0, threads=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert all(t["min_ms"] <= t["median_ms"] for t in times.values())
+
+
+def test_speed_rows_in_both_runtimes():
+    model, x, _ = make_arch("custom_cls")
+    vp.attach_gates(model)
+    small = vp.prune(model, vp.plan_pruning(model, vp.importance_scores(model), 0.5))
+    rows = speed_rows(vp.fold_gates(model), {"half": small}, (1, *x.shape[1:]), batch_sizes=(2,), rounds=2, repeats=1)
+    assert {r["runtime"] for r in rows} == {"torch", "onnxruntime"}
+    for r in rows:
+        assert r["macs_reduction_x"] > 1.3 and r["latency_ms"] > 0
+        assert r["speedup_over_macs"] == pytest.approx(r["speedup_x"] / r["macs_reduction_x"])
+
+
+def test_break_even_rank_is_within_the_parameter_break_even():
+    rank = speed.break_even_rank(64, 256, tokens=64, threads=1, rounds=2)
+    assert 0 <= rank <= 64 * 256 // (64 + 256)
+
+
+def test_only_if_faster_keeps_dense_the_layers_two_matmuls_would_slow(monkeypatch):
+    model, x, _ = make_arch("gap")
+    monkeypatch.setattr(decompose, "break_even_rank", lambda i, o, tokens, threads: 8 if o > i else 0)
+    decisions = decompose.rank_decisions(model, rank=8, only_if_faster=True)
+    assert {d["layer"].rsplit(".", 1)[1]: d["factorize"] for d in decisions if d["layer"].startswith("blocks.0")} == {
+        "qkv": True, "proj": False, "fc1": True, "fc2": False}
+    new = vp.decompose_model(model, "svd", rank=8, only_if_faster=True)
+    kinds = {n.rsplit(".", 1)[1] for n, m in new.named_modules() if isinstance(m, vp.FactorizedLinear)}
+    assert kinds == {"qkv", "fc1"}
+    with torch.no_grad():
+        assert torch.isfinite(new(x)).all()

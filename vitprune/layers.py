@@ -1,0 +1,202 @@
+"""Prunable and factorized layers: timm's Attention and Mlp with gates and pruned widths, and W = B·A.
+
+Gated and pruned blocks swap timm's ``Attention``/``Mlp`` for the subclasses below, which keep
+timm's child modules (and so timm's state-dict keys) and add only what pruning needs: optional
+gates, an input index into the residual stream, and separate query/key and value head widths
+with the original attention scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from vitprune.errors import ModelError
+
+ATTN_GATES = ("gate_in", "gate_qk", "gate_out")
+MLP_GATES = ("gate_in", "gate_hidden")
+
+
+def new_gate(size: int) -> nn.Parameter:
+    """A VTP gate: a learnable vector of ones."""
+    return nn.Parameter(torch.ones(size))
+
+
+def select_features(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[..., index]; gather is several times faster than index_select on the last dim on CPU."""
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], -1))
+
+
+def gated_linear(layer: nn.Module, x: torch.Tensor, in_gate: torch.Tensor | None = None,
+                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(x * in_gate) with its outputs scaled by out_scale, computed by scaling the weight instead of x.
+
+    Same function; the gates touch in*out weights rather than batch*tokens*in activations, which
+    keeps sparse training nearly as fast as dense training.
+    """
+    if in_gate is None and out_scale is None:
+        return layer(x)
+    if not isinstance(layer, nn.Linear):
+        y = layer(x if in_gate is None else x * in_gate)
+        return y if out_scale is None else y * out_scale
+    weight, bias = layer.weight, layer.bias
+    if in_gate is not None:
+        weight = weight * in_gate
+    if out_scale is not None:
+        weight = weight * out_scale[:, None]
+        bias = None if bias is None else bias * out_scale
+    return F.linear(x, weight, bias)
+
+
+def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dim of `t` to `width`."""
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+
+class PrunableAttention(Attention):
+    """timm Attention with optional VTP gates, pruned input dims and separate q/k and v head widths."""
+
+    def __init__(self, attn: Attention):
+        nn.Module.__init__(self)
+        if getattr(attn, "gate", None) is not None:
+            raise ModelError("attention with a sigmoid output gate (timm gated=True) cannot be pruned exactly")
+        for name, child in attn.named_children():
+            setattr(self, name, child)
+        self.gate = None
+        self.num_heads = attn.num_heads
+        self.qk_head_dim = getattr(attn, "qk_head_dim", attn.head_dim)
+        self.v_head_dim = getattr(attn, "v_head_dim", attn.head_dim)
+        self.head_dim = self.v_head_dim
+        self.attn_dim = self.num_heads * self.v_head_dim
+        self.scale = attn.scale  # the original head dim's scale, kept through pruning
+        self.fused_attn = attn.fused_attn
+        self.register_buffer("in_index", getattr(attn, "in_index", None))
+        for site in ATTN_GATES:
+            self.register_parameter(site, getattr(attn, site, None))
+
+    def qkv_row_scale(self) -> torch.Tensor | None:
+        """Per-output-row scale of qkv from the `qk` gate: q and k rows both by g, so the logits scale by g^2."""
+        if self.gate_qk is None:
+            return None
+        return torch.cat([self.gate_qk, self.gate_qk, self.gate_qk.new_ones(self.num_heads * self.v_head_dim)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, dqk, dv = self.num_heads, self.qk_head_dim, self.v_head_dim
+        if self.in_index is not None:
+            x = select_features(x, self.in_index)  # (B, N, C_in): the kept residual features
+        qkv = gated_linear(self.qkv, x, self.gate_in, self.qkv_row_scale())  # (B, N, H*(2*Dqk + Dv))
+        q, k, v = qkv.split([h * dqk, h * dqk, h * dv], dim=-1)
+        q = q.view(b, n, h, dqk).transpose(1, 2)  # (B, H, N, Dqk)
+        k = k.view(b, n, h, dqk).transpose(1, 2)  # (B, H, N, Dqk)
+        v = v.view(b, n, h, dv).transpose(1, 2)  # (B, H, N, Dv)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v, attn_mask, is_causal)  # (B, H, N, Dv)
+        x = x.transpose(1, 2).reshape(b, n, h * dv)  # (B, N, H*Dv)
+        x = self.norm(x)
+        x = gated_linear(self.proj, x, self.gate_out)  # (B, N, C)
+        return self.proj_drop(x)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        """softmax(scale * q k^T + mask) v, through the fused kernel when timm would use it."""
+        if not self.fused_attn:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            return attn @ v
+        # The fused kernels need equal q/k and v head widths: zero-pad the narrower side. Exact: zero
+        # q/k columns add nothing to the logits, and zero v columns are sliced off again.
+        width = max(q.shape[-1], v.shape[-1])
+        out = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), _pad_last(v, width),
+                                             attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+        return out[..., :v.shape[-1]]
+
+
+class PrunableMlp(Mlp):
+    """timm Mlp with optional VTP gates on its input and hidden features, and pruned input dims."""
+
+    def __init__(self, mlp: Mlp):
+        nn.Module.__init__(self)
+        for name, child in mlp.named_children():
+            setattr(self, name, child)
+        self.register_buffer("in_index", getattr(mlp, "in_index", None))
+        for site in MLP_GATES:
+            self.register_parameter(site, getattr(mlp, site, None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_index is not None:
+            x = select_features(x, self.in_index)  # (B, N, C_in)
+        x = gated_linear(self.fc1, x, self.gate_in)  # (B, N, hidden)
+        x = self.drop1(self.act(x))
+        x = self.norm(x)
+        x = gated_linear(self.fc2, x, self.gate_hidden)  # (B, N, C)
+        return self.drop2(x)
+
+
+class FactorizedLinear(nn.Module):
+    """y = B(A x) + bias: two nn.Linear layers, the bias on the second."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The product B @ A (what the layer computes, as one matrix)."""
+        return self.second.weight @ self.first.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> FactorizedLinear:
+        layer = cls(a.shape[1], b.shape[0], a.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            layer.first.weight.copy_(a)
+            layer.second.weight.copy_(b)
+            if bias is not None:
+                layer.second.bias.copy_(bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def vit_blocks(model: nn.Module) -> nn.Sequential:
+    """The transformer blocks of a timm VisionTransformer; a clear error for anything else."""
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    for i, block in enumerate(model.blocks):
+        if not (isinstance(getattr(block, "attn", None), Attention) and isinstance(getattr(block, "mlp", None), Mlp)):
+            raise ModelError(f"block {i} ({type(block).__name__}) does not have timm's Attention and Mlp; "
+                             "only standard pre-norm ViT blocks can be gated and pruned")
+    return model.blocks
+
+
+def make_prunable(model: nn.Module) -> nn.Module:
+    """Swap every block's Attention/Mlp for the prunable subclasses (in place; same function, same keys)."""
+    for block in vit_blocks(model):
+        if not isinstance(block.attn, PrunableAttention):
+            block.attn = PrunableAttention(block.attn)
+        if not isinstance(block.mlp, PrunableMlp):
+            block.mlp = PrunableMlp(block.mlp)
+    return model
+
+
+def site_width(attn: PrunableAttention, mlp: PrunableMlp, site: str) -> int:
+    """How many dims a gate site has in one block (its gate's length)."""
+    return {"attn_in": attn.qkv.in_features, "attn_out": attn.num_heads * attn.v_head_dim,
+            "qk": attn.num_heads * attn.qk_head_dim, "mlp_in": mlp.fc1.in_features,
+            "mlp_hidden": mlp.fc1.out_features}[site]

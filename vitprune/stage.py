@@ -1,0 +1,166 @@
+"""The notebooks' handle on a pipeline stage: parameters, inputs from earlier stages, staged outputs.
+
+A notebook opens its stage with `Stage(...)`, reads earlier stages' records and models with
+`require`/`model` (only from the stages `DEPENDS` declares for it: the one dependency table, which
+`vitprune reproduce` also hashes), saves figures/tables (staged under runs/<set>/staging/<stage>/)
+and calls `finish`, which publishes them into figures/<set>/ and writes the stage record. A stage
+that fails half-way leaves figures/ as it was, and a file already owned by another notebook is
+refused, so each file has exactly one author.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vitprune.checkpoint import clean_stray_temps, write_json
+from vitprune.errors import FigureOwnerError, MissingStageError, ParamsError
+from vitprune.names import STAGES
+from vitprune.params import Params, load_params
+
+MANIFEST = "MANIFEST.json"
+# which earlier stages each stage reads
+DEPENDS = {
+    "01_sparse_training": (),
+    "02_scoring": ("01_sparse_training",),
+    "03_pruning": ("01_sparse_training", "02_scoring"),
+    "04_svd": ("03_pruning",),
+    "05_qr": ("03_pruning",),
+    "06_lu": ("03_pruning",),
+    "07_finetuning": ("01_sparse_training", "03_pruning", "04_svd", "05_qr", "06_lu"),
+    "08_comparison": STAGES[:7],
+}
+
+
+def project_base(params_file: str | Path) -> Path:
+    """Where relative paths resolve: the working directory, or the project root when run from notebooks/."""
+    if Path(params_file).is_absolute() or Path(params_file).exists():
+        return Path(".")
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / params_file).exists() else Path(".")
+
+
+class Stage:
+    """A notebook's handle on its parameters, inputs and outputs."""
+
+    def __init__(self, name: str, params_file: str, overrides: dict[str, Any] | None = None,
+                 runs_root: str | Path = "runs", figures_root: str | Path = "figures"):
+        if name not in STAGES:
+            raise ParamsError(f"unknown stage {name!r}; accepted: {', '.join(STAGES)}")
+        from vitprune.reporting import use_style
+
+        self.name = name
+        base = project_base(params_file)
+        self.p: Params = load_params(base / params_file, overrides or {})
+        self.run_dir = base / runs_root / self.p.name
+        self.fig_dir = base / figures_root / self.p.name
+        self.staging = self.run_dir / "staging" / name
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        clean_stray_temps(self.run_dir)
+        self._bundle = None
+        use_style()
+
+    @property
+    def bundle(self):
+        """The dataset of this parameter set (loaded once)."""
+        if self._bundle is None:
+            from vitprune.data import load_data
+
+            self._bundle = load_data(self.p.data, seed=self.p.train.seed)
+        return self._bundle
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        b = self.bundle
+        return (1, b.in_chans, b.image_size, b.image_size)
+
+    def test_batches(self):
+        from vitprune.data import test_batches
+
+        return test_batches(self.bundle, self.p.data.eval_batch_size)
+
+    def calibration(self) -> list:
+        """Fixed un-augmented training batches (Taylor scores, activation-aware SVD)."""
+        from vitprune.data import calibration_batches
+
+        return calibration_batches(self.bundle, self.p.data.calib_batches, self.p.data.batch_size, self.p.train.seed)
+
+    def profile(self, model) -> dict[str, float]:
+        """Test accuracy, params, MACs and measured latency (bench settings of the parameter set)."""
+        from vitprune.experiments import profile_model
+
+        b = self.p.bench
+        return profile_model(model, self.test_batches(), self.input_shape, b.batch_sizes, b.repeats, b.warmup,
+                             b.threads)
+
+    def speedup(self, reference, model) -> dict[str, Any]:
+        """Latency speed-up of `model` over `reference` at the largest bench batch, timed interleaved."""
+        import torch
+
+        from vitprune.speed import interleaved_times, torch_runner
+
+        b = self.p.bench
+        x = torch.randn((max(b.batch_sizes), *self.input_shape[1:]))
+        rounds = max(3, min(7, b.repeats))
+        times = interleaved_times({"ref": torch_runner(reference, x), "new": torch_runner(model, x)}, rounds,
+                                  max(1, b.repeats // rounds), b.warmup, b.threads)
+        speedup = times["ref"]["min_ms"] / times["new"]["min_ms"]
+        return {"speedup_vs_source_x": speedup, "faster_than_source": speedup > 1.0}
+
+    def path(self, filename: str) -> Path:
+        return self.run_dir / filename
+
+    def require(self, stage: str) -> dict[str, Any]:
+        """The record an earlier stage wrote; MissingStageError naming the notebook if it has not run."""
+        if stage not in DEPENDS[self.name]:
+            raise MissingStageError(f"{self.name} reads {stage}, which DEPENDS in vitprune/stage.py does not list "
+                                    f"for it; add it there so the pipeline re-runs {self.name} when {stage} changes")
+        path = self.run_dir / f"{stage}.json"
+        if not path.is_file():
+            raise MissingStageError(f"{self.name} needs the output of notebook {stage}.ipynb, which has not run for "
+                                    f"'{self.p.name}' ({path} is missing); run it first: vitprune reproduce "
+                                    f"{self.p.source} --only {int(stage[:2])}")
+        return json.loads(path.read_text())
+
+    def model(self, filename: str, stage: str):
+        """Load a model file an earlier stage wrote (clear error naming that stage if absent)."""
+        from vitprune.checkpoint import load_model
+
+        self.require(stage)
+        path = self.run_dir / filename
+        if not path.is_file():
+            raise MissingStageError(f"{path} is missing; re-run notebook {stage}.ipynb")
+        return load_model(path)
+
+    def save_figure(self, fig, name: str) -> None:
+        from vitprune.reporting import save_figure
+
+        save_figure(fig, self.staging / name)
+
+    def save_table(self, df, name: str):
+        from vitprune.reporting import save_table
+
+        save_table(df, self.staging / name)
+        return df
+
+    def finish(self, record: dict[str, Any]) -> Path:
+        """Publish staged figures/tables into figures/<set>/ and write this stage's record."""
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.fig_dir / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        staged = sorted(p for p in self.staging.iterdir() if p.is_file())
+        for path in staged:
+            owner = manifest.get(path.name)
+            if owner not in (None, self.name):
+                raise FigureOwnerError(f"{self.fig_dir / path.name} is written by notebook {owner}; "
+                                       f"{self.name} must not write it too")
+        for path in staged:
+            os.replace(path, self.fig_dir / path.name)
+            manifest[path.name] = self.name
+        write_json(manifest_path, dict(sorted(manifest.items())))
+        return write_json(self.run_dir / f"{self.name}.json", {"stage": self.name, "params": self.p.name,
+                                                               "figures": [p.name for p in staged], **record})
