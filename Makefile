@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PARAMS ?= params/default.yaml
 
-.PHONY: setup test test-all reproduce lab bench lint clean
+.PHONY: setup browser test test-all reproduce lab bench lint clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): constraints.txt pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name vitprune --display-name "vitprune (.venv)" >/dev/null
 	touch $(STAMP)
 
-test: setup
+# Debian's Chromium, which the JupyterLab browser test drives (Playwright, pointed at /usr/bin/chromium).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null; } || echo "note: could not install chromium (needs root and Debian's packages); the browser test will be skipped outside CI"
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -25,7 +30,7 @@ reproduce: setup
 	$(BIN)/vitprune reproduce $(PARAMS)
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 bench: setup
 	$(BIN)/python -m vitprune.bench --out benchmarks/results.json

@@ -246,3 +246,7 @@ def test_the_installed_command_exits_with_the_code_and_no_traceback(box, argv, c
     assert result.returncode == code
     assert "Traceback" not in result.stderr and all(w in result.stderr for w in words)
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_readme_states_the_number_of_cases():
+    assert f"{len(CASES)} bad inputs" in (ROOT / "README.md").read_text()

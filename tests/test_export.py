@@ -81,3 +81,18 @@ def test_export_command(tmp_path, capsys):
     assert report["max_abs_diff"] <= TOLERANCE and (tmp_path / "out.onnx").stat().st_size > 1000
     assert main(["export", str(tmp_path / "gated.safetensors"), "--onnx", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_bench_command_times_a_model_and_compares_it_with_another(tmp_path, capsys):
+    dense = randomize(FOREIGN["custom_cls"]().eval())
+    vp.attach_gates(dense)
+    small = vp.prune(dense, vp.plan_pruning(dense, vp.importance_scores(dense), 0.5))
+    vp.save_model(vp.fold_gates(dense), tmp_path / "dense.safetensors")
+    vp.save_model(small, tmp_path / "small.safetensors")
+    args = ["bench", str(tmp_path / "small.safetensors"), "--batch", "2", "--rounds", "2"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["runtime"] for r in rows} == {"torch", "onnxruntime"} and all(r["min_ms"] > 0 for r in rows)
+    assert main([*args, "--against", str(tmp_path / "dense.safetensors"), "--runtime", "torch"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["macs_reduction_x"] > 1.3 and row["speedup_over_macs"] > 0

@@ -1,9 +1,14 @@
-"""The notebook sequence under papermill: smoke run, skipping, determinism, failures, --smoke for every set."""
+"""The notebook sequence under papermill: smoke run in a copy of the project, figures inline, the report, a cache
+that is never stale, one run per set, determinism from scratch, failures, --smoke for every set."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -11,9 +16,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, SMOKE
-from vitprune.errors import StageFailed
+from vitprune.errors import RunLocked, StageFailed
 from vitprune.names import STAGES
-from vitprune.pipeline import reproduce
+from vitprune.pipeline import progress_line, reproduce, stage_hash
 from vitprune.reporting import reproducible_columns
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -41,18 +46,39 @@ def test_every_figure_and_table_name_is_written_by_one_notebook():
         source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("save_figure", "save_table"):
-                name = node.args[-1]
+                name = node.args[1]
                 assert isinstance(name, ast.Constant), f"{path.name}: figure/table names must be literals"
                 assert owners.setdefault(name.value, path.stem) == path.stem, (
                     f"{name.value} written by {owners[name.value]} and {path.stem}")
     assert {"table_vtp", "table_sun", "accuracy_vs_macs", "sparsity_emerging"} <= set(owners)
 
 
+@contextmanager
+def working_dir(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The whole smoke sequence, run from a copy of the project (its notebooks and library are the ones used)."""
     root = tmp_path_factory.mktemp("pipeline")
-    timing = reproduce(SMOKE, runs_root=root / "runs", figures_root=root / "figures")
+    project = root / "project"
+    for part in ("vitprune", "notebooks", "params"):
+        shutil.copytree(ROOT / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "constraints.txt", project)
+    with working_dir(project):
+        timing = reproduce("params/smoke.yaml", runs_root=root / "runs", figures_root=root / "figures")
     return root, timing
+
+
+def run_again(root: Path, **kwargs):
+    with working_dir(root / "project"):
+        return reproduce("params/smoke.yaml", runs_root=root / "runs", figures_root=root / "figures", **kwargs)
 
 
 def tables(fig_dir: Path) -> dict[str, pd.DataFrame]:
@@ -80,18 +106,117 @@ def test_smoke_sequence_regenerates_every_table_and_figure(smoke_run):
     assert (root / "runs" / "smoke" / "notebooks" / "08_comparison.ipynb").is_file()
 
 
+def test_every_figure_is_an_image_output_of_the_notebook_that_made_it(smoke_run):
+    root, _ = smoke_run
+    fig = root / "figures" / "smoke"
+    manifest = json.loads((fig / "MANIFEST.json").read_text())
+    for stage in STAGES:
+        nb = nbformat.read(root / "runs" / "smoke" / "notebooks" / f"{stage}.ipynb", as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        pngs = [name for name, owner in manifest.items() if owner == stage and name.endswith(".png")]
+        assert len(images) == len(pngs), f"{stage}: {len(pngs)} figures written, {len(images)} shown"
+        text = json.dumps([o for o in outputs if o.get("output_type") == "stream"])
+        assert "IProgress" not in text and "Traceback" not in text, stage
+        assert any("What this shows" in json.dumps(o.get("data", {})) for o in outputs), stage
+        last = [c for c in nb.cells if c.cell_type == "code"][-1]
+        assert not any("PosixPath" in json.dumps(o.get("data", {})) for o in last.outputs), stage
+
+
+def test_report_links_every_figure_and_table_and_records_the_environment(smoke_run):
+    root, _ = smoke_run
+    fig = root / "figures" / "smoke"
+    report = (fig / "REPORT.md").read_text()
+    for png in fig.glob("*.png"):
+        assert f"]({png.name})" in report, png.name
+    for table in fig.glob("*.md"):
+        if table.name != "REPORT.md":
+            assert f"**{table.stem}**" in report and table.read_text().splitlines()[0] in report, table.name
+    env = json.loads((fig / "environment.json").read_text())
+    assert {"cpu", "torch_threads", "torch", "timm", "numpy", "git_commit", "params_sha256"} <= set(env)
+    assert "## Parameter set" in report and "## Timings" in report and "What this shows" not in report
+    index = (root / "runs" / "smoke" / "report" / "index.html").read_text()
+    assert all(f"{stage}.html" in index for stage in STAGES)
+    assert (root / "runs" / "smoke" / "report" / "08_comparison.html").stat().st_size > 10_000
+
+
 def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(smoke_run):
     root, _ = smoke_run
-    kwargs = dict(runs_root=root / "runs", figures_root=root / "figures")
     before = tables(root / "figures" / "smoke")
-    again = reproduce(SMOKE, **kwargs)
+    again = run_again(root)
     assert all(s.get("skipped") for s in again["stages"].values())
-    forced = reproduce(SMOKE, force=True, **kwargs)
+    checkpoint = root / "runs" / "smoke" / "dense.ckpt.safetensors"
+    written = checkpoint.stat().st_mtime_ns
+    forced = run_again(root, force=True)
     assert not any(s.get("skipped") for s in forced["stages"].values())
+    assert checkpoint.stat().st_mtime_ns > written  # trained again from scratch, not resumed from the old file
     after = tables(root / "figures" / "smoke")
     assert before.keys() == after.keys()
     for name in before:
         pd.testing.assert_frame_equal(before[name], after[name], check_exact=True, obj=name)
+
+
+def test_library_edits_rerun_the_stages_that_reach_them_and_only_those(smoke_run):
+    root, _ = smoke_run
+    project, run_dir = root / "project", root / "runs" / "smoke"
+    from vitprune.params import load_params
+
+    p = load_params(SMOKE).to_dict()
+    with working_dir(project):
+        hashes = {s: stage_hash(s, p, run_dir) for s in STAGES}
+        with open(project / "vitprune" / "bench.py", "a") as fh:
+            fh.write("\n# an edit no notebook reaches\n")
+        assert {s: stage_hash(s, p, run_dir) for s in STAGES} == hashes
+        assert run_again(root, only=5)["stages"]["05_qr"] == {"skipped": True}
+        linalg = project / "vitprune" / "linalg.py"
+        linalg.write_text(linalg.read_text().replace('"""||Q^T Q - I||_F', '"""The loss ||Q^T Q - I||_F'))
+        changed = {s for s in STAGES if stage_hash(s, p, run_dir) != hashes[s]}
+    assert changed == set(STAGES)  # every notebook reaches linalg (through vitprune's __init__)
+    assert "seconds" in run_again(root, only=5)["stages"]["05_qr"]
+
+
+def test_a_deleted_upstream_model_reruns_the_stage_that_made_it(smoke_run):
+    root, _ = smoke_run
+    model = root / "runs" / "smoke" / "sparse.safetensors"
+    model.unlink()
+    assert "seconds" in run_again(root, only=1)["stages"]["01_sparse_training"]
+    assert model.is_file()
+
+
+def test_one_run_per_set_a_second_is_refused_naming_the_holder(smoke_run):
+    root, _ = smoke_run
+    run_dir = root / "runs" / "smoke"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom vitprune.pipeline import run_lock\n"
+        f"with run_lock(Path({str(run_dir)!r})):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=rf"in use by PID {holder.pid} \(vitprune reproduce, started "):
+            run_again(root, only=8)
+    finally:
+        holder.kill()
+        holder.wait()
+    (run_dir / ".lock").write_text("PID 999999 (vitprune reproduce, started long ago)")  # a dead holder's lock
+    assert run_again(root, only=8)["stages"]["08_comparison"]
+
+
+def test_the_kernels_progress_line_reaches_the_bar(tmp_path):
+    from vitprune.progress import report
+
+    class Bar:
+        shown: list[str] = []
+
+        def set_postfix_str(self, text, refresh=True):
+            self.shown.append(text)
+
+    bar = Bar()
+    import time
+
+    with progress_line(bar, tmp_path, "07_finetuning"):
+        report("decomp_svd_ft epoch 3/10")
+        time.sleep(1.2)
+    assert "07_finetuning | decomp_svd_ft epoch 3/10" in bar.shown
 
 
 def test_a_stage_run_before_its_inputs_names_the_notebook_and_leaves_figures_alone(tmp_path):

@@ -1,4 +1,4 @@
-"""The `vitprune` command: train, sparse-train, prune, finetune, decompose, evaluate, info, export, reproduce."""
+"""The `vitprune` command: train, sparse-train, prune, finetune, decompose, evaluate, info, export, bench, reproduce."""
 
 from __future__ import annotations
 
@@ -147,12 +147,12 @@ def cmd_finetune(args) -> None:
     _print({"model": str(source.parent / f"{name}.safetensors"), **(history[-1] if history else {})})
 
 
-def _teacher_path(text: str) -> Path:
+def _teacher_path(text: str, flag: str = "--teacher") -> Path:
     from vitprune.errors import ModelError
 
     path = Path(text)
     if not path.is_file():
-        raise ModelError(f"--teacher '{path}' is not a model file; give the dense model, e.g. "
+        raise ModelError(f"{flag} '{path}' is not a model file; give the dense model, e.g. "
                          "runs/default/dense.safetensors")
     return path
 
@@ -242,6 +242,42 @@ def cmd_export(args) -> None:
             "params": vp.count_params(model)})
 
 
+def cmd_bench(args) -> None:
+    import vitprune as vp
+    from vitprune.export import input_shape
+    from vitprune.speed import RUNTIMES, interleaved_times, onnx_runner, speed_rows, torch_runner
+
+    source = _checkpoint(args, Path("."), "")
+    model = vp.load_model(source)
+    shape = input_shape(model)
+    runtimes = RUNTIMES if args.runtime == "both" else (args.runtime,)
+    if args.against:
+        dense = vp.load_model(_teacher_path(args.against, "--against"))
+        if input_shape(dense) != shape:
+            from vitprune.errors import ModelError
+
+            raise ModelError(f"--against '{args.against}' takes {input_shape(dense)[1:]} inputs; "
+                             f"'{source}' takes {shape[1:]}; compare models of the same input")
+        rows = speed_rows(dense, {source.stem: model}, shape, args.batch, runtimes, args.threads, args.rounds)
+        _print(rows)
+        return
+    import tempfile
+
+    import torch
+
+    out = []
+    with tempfile.TemporaryDirectory() as folder:
+        for bs in args.batch:
+            x = torch.randn((bs, *shape[1:]))
+            runners = {"torch": torch_runner(model, x)} if "torch" in runtimes else {}
+            if "onnxruntime" in runtimes:
+                runners["onnxruntime"] = onnx_runner(model, x, Path(folder), f"m{bs}", args.threads)
+            times = interleaved_times(runners, args.rounds, 3, 2, args.threads)
+            out += [{"model": str(source), "runtime": rt, "batch": bs, **t,
+                     "macs": vp.count_macs(model, (1, *shape[1:]))} for rt, t in times.items()]
+    _print(out)
+
+
 def cmd_reproduce(args) -> None:
     from vitprune.params import parse_set_args
     from vitprune.pipeline import reproduce
@@ -308,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, choices=range(1, 1025), metavar="{1..1024}",
                    help="images in the check batch (the batch size stays dynamic)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency of a model file, or its speed-up over --against, measured carefully")
+    p.add_argument("checkpoint", help="model file")
+    p.add_argument("--against", help="the model to compare with (e.g. the dense one): speed-up / MAC reduction")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], choices=range(1, 1025), metavar="N")
+    p.add_argument("--runtime", default="both", choices=["torch", "onnxruntime", "both"])
+    p.add_argument("--threads", type=int, default=2, choices=range(1, 257), metavar="N")
+    p.add_argument("--rounds", type=int, default=7, choices=range(1, 101), metavar="N")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reproduce", help="run the notebook sequence with papermill and regenerate figures/")
     p.add_argument("params_file", help="params/<set>.yaml")

@@ -55,3 +55,9 @@ class StageFailed(VitpruneError, RuntimeError):
 
 class FigureOwnerError(VitpruneError, RuntimeError):
     """Two notebooks write the same figure or table file; each file has exactly one author."""
+
+
+class RunLocked(VitpruneError, RuntimeError):
+    """Another `vitprune reproduce` holds the parameter set's run folder; the message names it."""
+
+    exit_code = 1

@@ -1,28 +1,41 @@
 """`vitprune reproduce`: execute the numbered notebooks in order with papermill.
 
-A stage is skipped when its notebook, its parameters and the records of the stages it reads are
-unchanged (content hash); the first failing stage stops the run, naming the notebook and cell.
+A stage is skipped only when nothing it depends on has changed: its notebook, its parameters, the
+records and files of the stages it reads, its own files, the source of every vitprune module its
+notebook reaches (imports followed through the package, lazy ones included) and the lock file. The
+first failing stage stops the run, naming the notebook and cell. One run per parameter set at a time
+(a lock on runs/<set>/); the kernels' progress shows beside the bar; the executed notebooks are
+rendered as HTML under runs/<set>/report/.
 """
 
 from __future__ import annotations
 
+import ast
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from vitprune.checkpoint import write_json
-from vitprune.errors import ParamsError, StageFailed
+from vitprune.errors import ParamsError, RunLocked, StageFailed
 from vitprune.names import STAGES
 from vitprune.params import load_params
-from vitprune.stage import DEPENDS
+from vitprune.progress import ENV as PROGRESS_ENV
+from vitprune.progress import latest
+from vitprune.stage import DEPENDS, file_digest
 
-PACKAGE_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+PACKAGE = Path(__file__).resolve().parent
+PACKAGE_NOTEBOOKS = PACKAGE.parent / "notebooks"
+LOCK_FILE = "constraints.txt"
 
 
 def notebooks_dir() -> Path:
@@ -67,6 +80,50 @@ def _kernel_name() -> str:
     return name
 
 
+def library_dir() -> Path:
+    """The vitprune source the kernels import: the checkout in the working directory, else the installed one."""
+    here = Path.cwd() / "vitprune"
+    return here if (here / "__init__.py").is_file() else PACKAGE
+
+
+def imported_modules(source: str, known: set[str]) -> set[str]:
+    """vitprune modules that Python `source` imports (anywhere in it); '__init__' for `import vitprune`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vitprune":
+            parts = node.module.split(".")
+            found |= {parts[1]} if len(parts) > 1 else {"__init__"} | {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "vitprune":
+                    found.add(parts[1] if len(parts) > 1 else "__init__")
+    return found & known
+
+
+def module_closure(roots: set[str], library: Path) -> list[str]:
+    """`roots` and every vitprune module they reach through imports, sorted."""
+    known = {p.stem for p in library.glob("*.py")}
+    seen: set[str] = set()
+    todo = [m for m in roots if m in known]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += sorted(imported_modules((library / f"{module}.py").read_text(), known) - seen)
+    return sorted(seen)
+
+
+def notebook_modules(notebook: Path, library: Path) -> list[str]:
+    """The vitprune modules a notebook's code reaches."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    known = {p.stem for p in library.glob("*.py")}
+    return module_closure(imported_modules(code, known), library)
+
+
 def _digest(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -74,17 +131,36 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def _record_digest(run_dir: Path, stage: str) -> str | None:
+def _record(run_dir: Path, stage: str) -> dict[str, Any] | None:
     path = run_dir / f"{stage}.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def stage_hash(stage: str, params_dict: dict[str, Any], run_dir: Path) -> str:
-    """Content hash of what a stage depends on: notebook, parameters, records of the stages it reads."""
-    notebook = (notebooks_dir() / f"{stage}.ipynb").read_bytes()
-    deps = {d: _record_digest(run_dir, d) for d in DEPENDS[stage]}
+    """Content hash of what a stage depends on: notebook, parameters, records of the stages it reads (with
+    the hashes of their files), the source of the library modules it reaches, and the lock file."""
+    notebook = notebooks_dir() / f"{stage}.ipynb"
+    library = library_dir()
+    source = {m: hashlib.sha256((library / f"{m}.py").read_bytes()).hexdigest()
+              for m in notebook_modules(notebook, library)}
+    deps = {d: _digest((run_dir / f"{d}.json").read_bytes()) if (run_dir / f"{d}.json").is_file() else None
+            for d in DEPENDS[stage]}
+    lock = library.parent / LOCK_FILE
     params = {k: v for k, v in params_dict.items() if k != "source"}
-    return _digest(notebook, params, deps)
+    return _digest(notebook.read_bytes(), params, deps, source, lock.read_bytes() if lock.is_file() else b"")
+
+
+def files_intact(run_dir: Path, stages: tuple[str, ...]) -> bool:
+    """Whether every file these stages recorded writing still exists with the same content."""
+    for stage in stages:
+        record = _record(run_dir, stage)
+        if record is None:
+            return False
+        for name, digest in record.get("outputs", {}).items():
+            path = run_dir / name
+            if not path.is_file() or file_digest(path) != digest:
+                return False
+    return True
 
 
 def _select(only: int | None, start: int | None) -> list[str]:
@@ -98,16 +174,136 @@ def _select(only: int | None, start: int | None) -> list[str]:
     return list(STAGES[(start or 1) - 1:])
 
 
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold runs/<set>/.lock for this process; a second holder is refused at once, naming the first.
+
+    The lock is an OS file lock, released when its process ends however it ends, so a lock left by a
+    killed run is simply taken over.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunLocked(f"'{run_dir}' is in use by {holder}; wait for it to finish (or stop it) and run "
+                        "again") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"PID {os.getpid()} (vitprune reproduce, started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.close()
+
+
+def clear_run(run_dir: Path) -> None:
+    """--force: remove everything a run wrote (checkpoints included), so the sequence starts from scratch."""
+    for path in run_dir.iterdir():
+        if path.name == ".lock":
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextmanager
+def progress_line(bar, run_dir: Path, stage: str):
+    """While a stage runs, show the line its kernel reports (model, epoch, variant) beside the bar."""
+    path = run_dir / "progress.txt"
+    path.unlink(missing_ok=True)
+    os.environ[PROGRESS_ENV] = str(path.resolve())
+    stop = threading.Event()
+
+    def watch():
+        shown = ""
+        while not stop.wait(0.5):
+            text = latest(path)
+            if text and text != shown:
+                shown = text
+                bar.set_postfix_str(f"{stage} | {text}", refresh=True)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        os.environ.pop(PROGRESS_ENV, None)
+        path.unlink(missing_ok=True)
+
+
+def render_html(run_dir: Path) -> Path:
+    """HTML of every executed notebook under runs/<set>/report/, with an index page."""
+    from nbconvert import HTMLExporter
+
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    exporter = HTMLExporter()
+    items = []
+    for stage in STAGES:
+        executed = run_dir / "notebooks" / f"{stage}.ipynb"
+        if executed.is_file():
+            body, _ = exporter.from_filename(str(executed))
+            write_text(out / f"{stage}.html", body)
+            summary = (_record(run_dir, stage) or {}).get("summary", "")
+            items.append(f"<li><a href='{stage}.html'>{stage}</a><p>{html_escape(summary)}</p></li>")
+    page = (f"<!doctype html><meta charset='utf-8'><title>vitprune: {run_dir.name}</title>"
+            f"<h1>vitprune report: {run_dir.name}</h1><ol>{''.join(items)}</ol>")
+    write_text(out / "index.html", page)
+    return out / "index.html"
+
+
+def write_text(path: Path, text: str) -> None:
+    from vitprune.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
 def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, only: int | None = None,
               start: int | None = None, force: bool = False, smoke: bool = False,
               runs_root: Path = Path("runs"), figures_root: Path = Path("figures")) -> dict[str, Any]:
     """Run the notebook sequence for a parameter set; returns the timing record."""
-    import papermill as pm
-
     overrides = {**(smoke_overrides(params_file) if smoke else {}), **(overrides or {})}
     p = load_params(params_file, overrides)  # validates before anything runs
     selected = _select(only, start)
     run_dir = Path(runs_root) / p.name
+    with run_lock(run_dir):
+        if force:
+            clear_run(run_dir)
+        timing = _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures_root, smoke)
+        render_html(run_dir)
+        update_readme(Path("README.md"), Path(figures_root) / p.name, run_dir)
+    return timing
+
+
+def update_readme(readme: Path, fig_dir: Path, run_dir: Path) -> bool:
+    """Rewrite the README's generated block for this set (if it has one) from the figures just made."""
+    from vitprune.reporting import replace_block, results_block
+
+    record = _record(run_dir, STAGES[-1])
+    if not readme.is_file() or record is None or fig_dir.is_absolute():
+        return False
+    text = replace_block(readme.read_text(), f"results:{run_dir.name}", results_block(fig_dir, record["summary"]))
+    if text is None:
+        return False
+    write_text(readme, text)
+    return True
+
+
+def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures_root, smoke) -> dict[str, Any]:
+    import papermill as pm
+
     nb_dir = run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "stages.json"
@@ -119,17 +315,20 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
     for stage in bar:
         bar.set_postfix_str(stage)
         digest = stage_hash(stage, p.to_dict(), run_dir)
-        if not force and state.get(stage) == digest and (run_dir / f"{stage}.json").is_file():
+        if state.get(stage) == digest and files_intact(run_dir, (stage, *DEPENDS[stage])):
             timing["stages"][stage] = {"skipped": True}
             continue
         t0 = time.perf_counter()
         out_nb = nb_dir / f"{stage}.ipynb"
         try:
-            pm.execute_notebook(str(notebooks_dir() / f"{stage}.ipynb"), str(out_nb), kernel_name=kernel,
-                                parameters={"params_file": str(params_file), "overrides": overrides,
-                                            "runs_root": str(runs_root), "figures_root": str(figures_root)},
-                                progress_bar=False, cwd=str(Path.cwd()))
+            with progress_line(bar, run_dir, stage):
+                pm.execute_notebook(str(notebooks_dir() / f"{stage}.ipynb"), str(out_nb), kernel_name=kernel,
+                                    parameters={"params_file": str(params_file), "overrides": overrides,
+                                                "runs_root": str(runs_root), "figures_root": str(figures_root)},
+                                    progress_bar=False, cwd=str(Path.cwd()))
         except pm.PapermillExecutionError as err:
+            state.pop(stage, None)
+            write_json(state_path, state)
             raise StageFailed(f"stage {stage} failed: notebook notebooks/{stage}.ipynb, cell {err.cell_index} "
                               f"(execution count {err.exec_count}): {err.ename}: {err.evalue}; executed notebook "
                               f"kept at {out_nb}") from None

@@ -10,9 +10,11 @@ refused, so each file has exactly one author.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from vitprune.names import STAGES
 from vitprune.params import Params, load_params
 
 MANIFEST = "MANIFEST.json"
+# files in runs/<set>/ that are the pipeline's own bookkeeping, not a stage's outputs
+BOOKKEEPING = ("stages.json", "progress.txt", ".lock", "pipeline_timing.json", "pipeline_timing_partial.json")
 # which earlier stages each stage reads
 DEPENDS = {
     "01_sparse_training": (),
@@ -62,6 +66,9 @@ class Stage:
         self.staging.mkdir(parents=True)
         clean_stray_temps(self.run_dir)
         self._bundle = None
+        self._started = time.time()
+        self.captions: dict[str, str] = {}
+        self.summary = ""
         use_style()
 
     @property
@@ -136,18 +143,77 @@ class Stage:
             raise MissingStageError(f"{path} is missing; re-run notebook {stage}.ipynb")
         return load_model(path)
 
-    def save_figure(self, fig, name: str) -> None:
+    def save_figure(self, fig, name: str, caption: str = "") -> None:
+        """Stage `name`.png/.pdf for figures/<set>/, show the figure as this cell's output, and close it."""
+        import matplotlib.pyplot as plt
+
         from vitprune.reporting import save_figure
 
         save_figure(fig, self.staging / name)
+        self.captions[name] = caption
+        _display(fig)
+        plt.close(fig)
 
-    def save_table(self, df, name: str):
+    def save_table(self, df, name: str, caption: str = ""):
+        """Stage `name`.md/.csv/.tex for figures/<set>/; returns the table, so a cell ending with it shows it."""
         from vitprune.reporting import save_table
 
         save_table(df, self.staging / name)
+        self.captions[name] = caption
         return df
 
-    def finish(self, record: dict[str, Any]) -> Path:
+    def save_text(self, filename: str, text: str) -> None:
+        """Stage a text file (REPORT.md, environment.json) for figures/<set>/."""
+        from vitprune.checkpoint import atomic_write
+
+        atomic_write(self.staging / filename, lambda tmp: Path(tmp).write_text(text))
+
+    def report(self, records: dict[str, dict[str, Any]]) -> str:
+        """Stage REPORT.md and environment.json: every stage's summary, figures, tables, the parameters, the
+        environment and the timings (this stage's own figures and tables included)."""
+        import yaml
+
+        from vitprune.provenance import environment
+        from vitprune.reporting import report_markdown
+
+        own = {"stage": self.name, "summary": self.summary, "captions": self.captions,
+               "seconds": round(time.time() - self._started, 1)}
+        sections = [*records.values(), own]
+        tables = {}
+        for record in sections:
+            for item in record.get("captions", {}):
+                for folder in (self.staging, self.fig_dir):
+                    if (folder / f"{item}.md").is_file():
+                        tables[item] = (folder / f"{item}.md").read_text()
+                        break
+        env = environment(self.p.source)
+        params = yaml.safe_dump({k: v for k, v in self.p.to_dict().items() if k != "source"}, sort_keys=False)
+        text = report_markdown(self.p.name, sections, tables, params, env)
+        self.save_text("REPORT.md", text)
+        self.save_text("environment.json", json.dumps(env, indent=1) + "\n")
+        return text
+
+    def conclude(self, text: str) -> None:
+        """Show "What this shows" (generated from this run's numbers) and keep it for the report."""
+        self.summary = text
+        from IPython.display import Markdown
+
+        _display(Markdown(f"### What this shows\n\n{text}"))
+
+    def progress(self, text: str) -> None:
+        """One line of progress for `vitprune reproduce` to show while this stage runs."""
+        from vitprune.progress import report
+
+        report(f"{self.name}: {text}")
+
+    def outputs(self) -> dict[str, str]:
+        """Content hashes of the files this stage wrote into runs/<set>/ (read by the pipeline's cache)."""
+        own = {f"{stage}.json" for stage in STAGES}
+        return {p.name: file_digest(p) for p in sorted(self.run_dir.iterdir())
+                if p.is_file() and p.name not in own and p.name not in BOOKKEEPING and not p.name.startswith(".")
+                and p.stat().st_mtime >= self._started - 1}
+
+    def finish(self, record: dict[str, Any]) -> None:
         """Publish staged figures/tables into figures/<set>/ and write this stage's record."""
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.fig_dir / MANIFEST
@@ -162,5 +228,27 @@ class Stage:
             os.replace(path, self.fig_dir / path.name)
             manifest[path.name] = self.name
         write_json(manifest_path, dict(sorted(manifest.items())))
-        return write_json(self.run_dir / f"{self.name}.json", {"stage": self.name, "params": self.p.name,
-                                                               "figures": [p.name for p in staged], **record})
+        write_json(self.run_dir / f"{self.name}.json", {
+            "stage": self.name, "params": self.p.name, "figures": [p.name for p in staged],
+            "captions": self.captions, "summary": self.summary, "seconds": round(time.time() - self._started, 1),
+            "outputs": self.outputs(), **record})
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _display(obj) -> None:
+    """Show `obj` as a cell output when running inside a notebook kernel (a no-op elsewhere)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(obj)

@@ -31,6 +31,7 @@ from vitprune.errors import ModelError, TrainingDiverged
 from vitprune.gates import gate_statistics, is_gate, l1_penalty
 from vitprune.metrics import evaluate
 from vitprune.params import Params
+from vitprune.progress import report
 from vitprune.resume import resume_from, save_checkpoint, weights_digest
 
 
@@ -203,6 +204,7 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
     loop = _Loop(model, ddp, opt, cfg, device, rank, world, name, ckpt, teacher, steps, steps * cfg.epochs,
                  round(steps * cfg.warmup_epochs))
     for epoch in range(start_epoch, cfg.epochs):
+        report(f"{name} epoch {epoch + 1}/{cfg.epochs}")
         t0 = time.perf_counter()
         loss_sum, seen = _train_epoch(loop, bundle, epoch, history)
         record = _epoch_record(loop, bundle, epoch, loss_sum, seen, time.perf_counter() - t0)
