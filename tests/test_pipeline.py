@@ -173,6 +173,12 @@ def test_library_edits_rerun_the_stages_that_reach_them_and_only_those(smoke_run
         changed = {s for s in STAGES if stage_hash(s, p, run_dir) != hashes[s]}
     assert changed == set(STAGES)  # every notebook reaches linalg (through vitprune's __init__)
     assert "seconds" in run_again(root, only=5)["stages"]["05_qr"]
+    notebook = project / "notebooks" / "05_qr.ipynb"  # the checkout's notebooks run, not the installed ones
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("Edited in this checkout."))
+    nbformat.write(nb, notebook)
+    assert "seconds" in run_again(root, only=5)["stages"]["05_qr"]
+    assert "Edited in this checkout." in (root / "runs" / "smoke" / "notebooks" / "05_qr.ipynb").read_text()
 
 
 def test_a_deleted_upstream_model_reruns_the_stage_that_made_it(smoke_run):

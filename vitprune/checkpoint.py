@@ -287,8 +287,10 @@ def load_model(path: str | Path) -> VisionTransformer:
         raise ModelError(f"model file '{path}' does not match its architecture spec: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shapes {sorted(wrong)[:5]}")
     model.load_state_dict(state)
-    if PARAMS_KEY in metadata:
-        model.vitprune_params = json.loads(metadata[PARAMS_KEY])
+    try:
+        model.vitprune_params = json.loads(metadata.get(PARAMS_KEY, "null"))
+    except json.JSONDecodeError:
+        model.vitprune_params = None  # a damaged record of the training set; the weights are fine
     return model.eval()
 
 

@@ -27,8 +27,11 @@ def _params_file(args, model_path: Path | None = None) -> str:
     if model_path is not None and model_path.is_file():
         from vitprune.checkpoint import PARAMS_KEY, read_metadata
 
-        recorded = json.loads(read_metadata(model_path).get(PARAMS_KEY, "{}")).get("file")
-        if recorded and Path(recorded).is_file():
+        try:
+            recorded = json.loads(read_metadata(model_path).get(PARAMS_KEY, "{}")).get("file")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None  # an unreadable record is no reason to fail: fall back to the default set
+        if isinstance(recorded, str) and Path(recorded).is_file():
             return recorded
     return DEFAULT_PARAMS
 

@@ -37,6 +37,17 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | N
             "loss": float(totals[2]) / n, "samples": int(totals[3])}
 
 
+@torch.no_grad()
+def correct_answers(model: nn.Module, batches: Iterable, device: torch.device | str | None = None) -> torch.Tensor:
+    """Per test image, whether the top-1 prediction is right (bool, in batch order): the input of paired claims."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers = [model(x.to(device)).argmax(1).cpu() == y for x, y in batches]
+    model.train(was_training)
+    return torch.cat(answers) if answers else torch.zeros(0, dtype=torch.bool)
+
+
 def count_params(model: nn.Module, include_gates: bool = False) -> int:
     """Number of parameters (VTP gates excluded unless asked: they fold away)."""
     return sum(p.numel() for n, p in model.named_parameters() if include_gates or not is_gate(n))

@@ -336,7 +336,7 @@ def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures
         write_json(state_path, state)
         timing["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1)}
     timing["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    # the README and `make bench` quote the full sequence; a partial run must not overwrite it
-    full = len(selected) == len(STAGES)
+    # `make bench` quotes a run that executed every stage; a partial or cached run must not overwrite it
+    full = len(selected) == len(STAGES) and not any(s.get("skipped") for s in timing["stages"].values())
     write_json(run_dir / ("pipeline_timing.json" if full else "pipeline_timing_partial.json"), timing)
     return timing

@@ -1,0 +1,65 @@
+"""Paired comparisons on constructed data: a known difference is found, no difference is not, a reversal is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vitprune.stats import HOLDS, REVERSED, UNCLEAR, claim, mean_std, paired_bootstrap, with_spread
+
+
+def answers(p: float, images: int = 4000, seeds: int = 3, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((seeds, images)) < p).astype(float)
+
+
+def test_a_known_difference_is_found_with_an_interval_around_it():
+    a, b = answers(0.9, seed=1), answers(0.8, seed=2)
+    c = claim("a beats b", a, b)
+    assert c["verdict"] == HOLDS and c["low"] < 10 < c["high"] and abs(c["difference"] - 10) < 1.5
+    assert (c["n_seeds"], c["test_images"]) == (3, 4000)
+    assert claim("b beats a", b, a)["verdict"] == REVERSED
+
+
+def test_no_difference_is_not_distinguishable():
+    a = answers(0.9, seed=3)
+    c = claim("a beats b", a, answers(0.9, seed=6))  # same accuracy, independent errors
+    assert c["verdict"] == UNCLEAR and c["low"] < 0 < c["high"]
+    same = paired_bootstrap(a, a)
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+
+
+def test_pairing_finds_a_small_difference_on_the_same_images():
+    a = answers(0.9, seed=7)
+    b = a.copy()
+    b[:, :200] = 0  # b is also wrong on the first 200 of 4000 images: at most 5 points worse, all paired
+    c = claim("a beats b", a, b)
+    assert c["verdict"] == HOLDS and c["high"] - c["low"] < 2.0
+    unpaired = claim("a beats b", a, answers(float(b.mean()), seed=11))
+    assert unpaired["high"] - unpaired["low"] > c["high"] - c["low"]
+
+
+def test_a_margin_turns_the_claim_into_at_most_x_points():
+    a, b = answers(0.9, seed=8), answers(0.89, seed=9)
+    c = claim("a costs at most 2 points against b", b, a, margin=-2.0)  # b - a + 2 > 0
+    assert c["verdict"] == HOLDS
+
+
+def test_mean_and_spread():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    assert with_spread([97.0, 97.2, 97.4]) == "97.2 ± 0.2 (n=3)"
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(np.ones(3), np.ones(4))
+
+
+def test_correct_answers_agree_with_evaluate(smoke_params, digits_bundle):
+    import torch
+
+    import vitprune as vp
+    from vitprune.metrics import correct_answers
+
+    torch.manual_seed(0)
+    model = vp.build_model(smoke_params.model, 10, 1, smoke_params.data.image_size)
+    right = correct_answers(model, vp.test_batches(digits_bundle, 100))
+    assert right.shape == (digits_bundle.num_test(),) and right.dtype == torch.bool
+    top1 = vp.evaluate(model, vp.test_batches(digits_bundle, 100))["top1"]
+    assert int(right.sum()) == round(top1 * digits_bundle.num_test() / 100)
