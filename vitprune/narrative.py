@@ -92,8 +92,8 @@ def finetuning(after: pd.DataFrame) -> str:
     ranked = after.sort_values("top1", ascending=False)
     top, bottom = ranked.iloc[0], ranked.iloc[-1]
     return (f"After fine-tuning, {len(after)} variants range from {_pct(bottom.top1)} ({bottom.variant}) to "
-            f"{_pct(top.top1)} ({top.variant}). Fine-tuning recovers most of what pruning and factorization "
-            "cost before it; notebook 08 sets these against parameters, MACs and latency.")
+            f"{_pct(top.top1)} ({top.variant}); notebook 08 sets them against their accuracy before fine-tuning, "
+            "parameters, MACs and latency.")
 
 
 def comparison(vtp: pd.DataFrame, ablation: pd.DataFrame, sun: pd.DataFrame, n_test: int) -> str:

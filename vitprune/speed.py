@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitprune.metrics import count_macs
+
 Runner = Callable[[], Any]
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -101,8 +103,6 @@ def speed_rows(dense: nn.Module, variants: dict[str, nn.Module], input_shape: tu
                batch_sizes: Iterable[int] = (1, 8), runtimes: Iterable[str] = RUNTIMES, threads: int = 2,
                rounds: int = 7, repeats: int = 3) -> list[dict[str, Any]]:
     """Speed-up of each variant over `dense` divided by its MAC reduction, per batch size and runtime."""
-    from vitprune.metrics import count_macs
-
     base_macs = count_macs(dense, (1, *input_shape[1:]))
     reduction = {name: base_macs / count_macs(m, (1, *input_shape[1:])) for name, m in variants.items()}
     rows = []
