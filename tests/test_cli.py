@@ -32,6 +32,9 @@ def test_train_sparse_prune_finetune_decompose_evaluate_info(tmp_path, capsys):
     code, out, _ = run(capsys, "decompose", *rd, str(pruned), "--method", "svd_activation", "--energy", "0.9",
                        "--out", str(tmp_path / "act.safetensors"))
     assert code == 0 and (tmp_path / "act.safetensors").is_file()
+    code, out, _ = run(capsys, "decompose", *rd, str(pruned), "--method", "lu", "--rank-ratio", "0.5", "--refit",
+                       "--out", str(tmp_path / "lu_refit.safetensors"))
+    assert code == 0 and (tmp_path / "lu_refit.safetensors").is_file()
     code, out, _ = run(capsys, "evaluate", *rd, str(tmp_path / "pruned_taylor_40_qr_mgs.safetensors"))
     assert code == 0 and 0 <= json.loads(out)["top1"] <= 100
     code, out, _ = run(capsys, "info", str(pruned))

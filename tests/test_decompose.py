@@ -184,3 +184,39 @@ def test_svd_activation_without_calibration():
     model, _, _ = make_arch("custom_cls")
     with pytest.raises(DecomposeError, match="needs calibration data"):
         vp.decompose_model(model, "svd_activation", rank=2)
+
+
+def calibration_for(x: torch.Tensor, seed: int = 3, batches: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(x.shape, generator=g), torch.zeros(len(x), dtype=torch.long)) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_refit_never_increases_the_calibration_output_error(method):
+    from vitprune.decompose import input_grams, output_error, target_linears
+
+    model, x, _ = make_arch("gap")
+    calibration = calibration_for(x)
+    linears = target_linears(model)
+    grams = input_grams(model, linears, calibration)
+    plain = vp.decompose_model(model, method, rank_ratio=0.3, calibration=calibration)
+    refit = vp.decompose_model(model, method, rank_ratio=0.3, calibration=calibration, refit=True)
+    factorized = [n for n, m in refit.named_modules() if isinstance(m, vp.FactorizedLinear)]
+    assert factorized
+    improved = 0
+    for name in factorized:
+        w = linears[name].weight.detach().double()
+        p, r = plain.get_submodule(name), refit.get_submodule(name)
+        assert torch.equal(p.first.weight, r.first.weight)  # the method's A is kept
+        e_plain = output_error(w, p.first.weight, p.second.weight, grams[name])
+        e_refit = output_error(w, r.first.weight, r.second.weight, grams[name])
+        assert e_refit <= e_plain * (1 + 1e-9)
+        improved += e_refit < 0.999 * e_plain
+    if method not in ("svd_activation",):  # the whitened SVD is already optimal for its calibration data
+        assert improved > 0
+
+
+def test_refit_needs_calibration():
+    model, _, _ = make_arch("custom_cls")
+    with pytest.raises(DecomposeError, match="refit=True needs calibration data"):
+        vp.decompose_model(model, "qr_mgs", rank_ratio=0.5, refit=True)

@@ -170,13 +170,14 @@ def cmd_decompose(args) -> None:
         raise ModelError(f"--out '{out}' is a directory; give the file to write, e.g. {out / source.name}")
     model = vp.load_model(source)
     calibration = None
-    if args.method in CALIBRATED_METHODS:
+    if args.method in CALIBRATED_METHODS or args.refit:
         p, _ = _load(args, source)
         bundle, _ = _data_and_input(p)
         _load_for(source, bundle, p)
         calibration = vp.calibration_batches(bundle, p.data.calib_batches, p.data.batch_size)
     new = vp.decompose_model(model, args.method, rank=args.rank, rank_ratio=args.rank_ratio, energy=args.energy,
-                             param_budget=args.param_budget, calibration=calibration, layers=args.layers)
+                             param_budget=args.param_budget, calibration=calibration, layers=args.layers,
+                             refit=args.refit)
     report = vp.decomposition_report(model, new)
     if not report:
         raise DecomposeError(f"no layer of '{source}' is factorized at these settings: an m x n layer saves "
@@ -327,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--energy", type=float)
     group.add_argument("--param-budget", type=float)
     p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
+    p.add_argument("--refit", action="store_true",
+                   help="keep the method's first factor and refit the second on calibration data (least squares)")
     p.add_argument("--out", help="output file (default <checkpoint>_<method>.safetensors)")
     p.set_defaults(func=cmd_decompose)
 

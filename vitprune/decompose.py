@@ -211,24 +211,55 @@ def rank_decisions(model: nn.Module, rank: int | None = None, rank_ratio: float 
 
 
 @torch.no_grad()
+def output_error(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(W - B A) X||_F^2 over calibration inputs X, from their Gram matrix G = X^T X (float64)."""
+    d = w.double() - b.double() @ a.double()
+    return float(torch.einsum("oi,ij,oj->", d, gram.double(), d))
+
+
+def refit_second_factor(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor,
+                        ridge: float = 1e-6) -> torch.Tensor:
+    """Keep A and refit B = argmin ||(W - B A) X||^2 + ridge * mean(diag(A G A^T)) * ||B||^2 (float64).
+
+    Closed form B = W G A^T (A G A^T + lambda I)^-1, from the inputs' Gram matrix alone (in x in), so it
+    fits in memory at any calibration size. The given B is returned where the fit would not lower the
+    calibration output error, so refitting never makes it worse.
+    """
+    w, a, g = w.double(), a.double(), gram.double()
+    ag = a @ g  # (r, in)
+    lhs = ag @ a.T  # (r, r) = A G A^T
+    damp = ridge * lhs.diagonal().mean().clamp_min(1e-300)
+    eye = torch.eye(len(lhs), dtype=lhs.dtype, device=lhs.device)
+    refit = torch.linalg.solve(lhs + damp * eye, ag @ w.T).T  # (out, r) = W G A^T (A G A^T + lambda I)^-1
+    if not torch.isfinite(refit).all() or output_error(w, a, refit, g) > output_error(w, a, b, g):
+        return b
+    return refit.to(b.dtype)
+
+
+@torch.no_grad()
 def decompose_model(model: nn.Module, method: str, rank: int | None = None, rank_ratio: float | None = None,
                     energy: float | None = None, param_budget: float | None = None,
                     layers: Iterable[str] = LAYERS, calibration: Iterable | None = None,
-                    randomized: bool = False, only_if_faster: bool = False) -> nn.Module:
+                    randomized: bool = False, only_if_faster: bool = False, refit: bool = False) -> nn.Module:
     """A copy of `model` with the chosen projections factorized where that saves parameters (and, with
-    only_if_faster, where two matmuls at that rank measure faster than one on this machine)."""
+    only_if_faster, where two matmuls at that rank measure faster than one on this machine). With
+    refit=True (needs calibration), each layer keeps its method's first factor A and refits B by least
+    squares on the calibration inputs, B = argmin ||W X - B A X||."""
     check_method(method, DECOMPOSE_METHODS)
-    if method in CALIBRATED_METHODS and calibration is None:
-        raise DecomposeError(f"method '{method}' needs calibration data: pass calibration=<batches or loader>")
+    if (method in CALIBRATED_METHODS or refit) and calibration is None:
+        what = f"method '{method}'" if method in CALIBRATED_METHODS else "refit=True"
+        raise DecomposeError(f"{what} needs calibration data: pass calibration=<batches or loader>")
     new = copy.deepcopy(model)
     linears = target_linears(new, layers)
     decisions = rank_decisions(new, rank, rank_ratio, energy, param_budget, layers, only_if_faster)
     ranks = {d["layer"]: d["rank"] for d in decisions if d["factorize"]}
-    grams = input_grams(new, ranks, calibration) if method in CALIBRATED_METHODS else {}
+    grams = input_grams(new, ranks, calibration) if method in CALIBRATED_METHODS or refit else {}
     for name, r in ranks.items():
         layer = linears[name]
         w = layer.weight.detach()
         a, b = factorize(w.double(), method, r, gram=grams.get(name), randomized=randomized)
+        if refit:
+            b = refit_second_factor(w, a, b, grams[name])
         parent_name, _, attr = name.rpartition(".")
         setattr(new.get_submodule(parent_name), attr,
                 FactorizedLinear.from_factors(a.to(w.dtype), b.to(w.dtype), layer.bias).to(w.device))
