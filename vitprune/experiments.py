@@ -22,10 +22,8 @@ from vitprune.decompose import decompose_model, decomposition_report
 from vitprune.metrics import count_macs, count_params, evaluate
 from vitprune.names import CALIBRATED_METHODS, QR_STUDY_METHODS
 from vitprune.pruning import PrunePlan, plan_pruning, prune
+from vitprune.scoring import Scores
 from vitprune.speed import measure_latency
-
-Scores = dict[tuple[int, str], torch.Tensor]
-
 
 # ---------------------------------------------------------------- variants (notebooks 03-06)
 

@@ -25,7 +25,6 @@ SITE_SLOT = {"attn_in": ("attn", "gate_in"), "attn_out": ("attn", "gate_out"), "
              "mlp_in": ("mlp", "gate_in"), "mlp_hidden": ("mlp", "gate_hidden")}
 
 
-
 def _check_exact(i: int, attn: PrunableAttention, mlp: PrunableMlp, site: str) -> None:
     """Refuse sites whose gate could not be folded or pruned exactly in this block."""
     if site == "qk" and not isinstance(attn.q_norm, nn.Identity):

@@ -20,8 +20,7 @@ from vitprune.errors import PruneError
 from vitprune.gates import SITE_SLOT, fold_gates, gate_parameters
 from vitprune.layers import PrunableAttention, make_prunable, site_width, vit_blocks
 from vitprune.names import HEAD_SITES
-
-Scores = dict[tuple[int, str], torch.Tensor]
+from vitprune.scoring import Scores
 
 
 @dataclass
