@@ -63,3 +63,9 @@ def test_correct_answers_agree_with_evaluate(smoke_params, digits_bundle):
     assert right.shape == (digits_bundle.num_test(),) and right.dtype == torch.bool
     top1 = vp.evaluate(model, vp.test_batches(digits_bundle, 100))["top1"]
     assert int(right.sum()) == round(top1 * digits_bundle.num_test() / 100)
+
+
+def test_standard_error_of_an_accuracy():
+    from vitprune.stats import standard_error
+
+    assert abs(standard_error(97.0, 1000) - 0.5394) < 1e-3 and standard_error(100.0, 10) == 0.0

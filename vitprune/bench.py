@@ -35,15 +35,9 @@ DEIT_S_SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]
 GOALS = {"pruned": 0.9, "factorized": 0.85}  # speed-up / MAC reduction on DeiT-S, both runtimes (issue 11)
 
 
-def _time(fn, repeats: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _seconds(fn, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls after one warm-up (the one timing routine, one runner)."""
+    return interleaved_times({"f": fn}, rounds=repeats, repeats=1, warmup=1, threads=2)["f"]["min_ms"] / 1000
 
 
 def default_model(p: vp.Params) -> torch.nn.Module:
@@ -144,15 +138,15 @@ def algorithm_rows(repeats: int = 3) -> list[dict[str, Any]]:
     rows = []
     for shape in DEIT_B_SHAPES:
         w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-        lapack_qr = _time(lambda w=w: torch.linalg.qr(w), repeats)
-        lapack_svd = _time(lambda w=w: torch.linalg.svd(w, full_matrices=False), repeats)
+        lapack_qr = _seconds(lambda w=w: torch.linalg.qr(w), repeats)
+        lapack_svd = _seconds(lambda w=w: torch.linalg.svd(w, full_matrices=False), repeats)
         for method in QR_STUDY_METHODS:
             n = 1 if method in ("qr_givens", "qr_pivoted") else repeats
-            t = _time(lambda w=w, m=method: vp.qr(w, m), repeats=n)
+            t = _seconds(lambda w=w, m=method: vp.qr(w, m), repeats=n)
             rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": method, "seconds": t,
                          "lapack_qr_s": lapack_qr, "ratio_to_lapack": t / lapack_qr})
         for method, complete in (("lu", False), ("lu_complete", True)):
-            t = _time(lambda w=w, c=complete: vp.lu(w, complete=c), repeats=1)
+            t = _seconds(lambda w=w, c=complete: vp.lu(w, complete=c), repeats=1)
             rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": method, "seconds": t,
                          "lapack_qr_s": lapack_qr, "ratio_to_lapack": t / lapack_qr})
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": "lapack_svd", "seconds": lapack_svd,

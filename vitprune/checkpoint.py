@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,15 @@ def clean_stray_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path`, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return Path(path)
+
+
 def write_json(path: Path, obj: Any) -> Path:
     """Write `obj` as indented JSON, atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=float)))
-    return Path(path)
+    return write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 # ---------------------------------------------------------------- structure spec
@@ -237,8 +243,9 @@ def save_model(model: nn.Module, path: str | Path, extra_tensors: dict[str, torc
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a vitprune safetensors file, with clear errors."""
+@contextmanager
+def _opened(path: str | Path):
+    """safe_open of a model file, every failure turned into a ModelError naming the file."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"model file '{path}' is a directory; give a .safetensors file written by vitprune")
@@ -246,22 +253,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ModelError(f"model file '{path}' does not exist")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            yield fh
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelError(f"model file '{path}' is not a readable safetensors file (truncated or corrupted?): "
                          f"{err}") from err
-    return tensors, metadata
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a vitprune safetensors file, with clear errors."""
+    with _opened(path) as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The header metadata of a safetensors file (no tensors are read), with clear errors."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelError(f"model file '{path}' is not a readable safetensors file (truncated or corrupted?): "
-                         f"{err}") from err
+    with _opened(path) as fh:
+        return fh.metadata() or {}
 
 
 def load_model(path: str | Path) -> VisionTransformer:

@@ -93,16 +93,20 @@ def cmd_train(args) -> None:
             **vp.model_summary(model, shape)})
 
 
-def _checkpoint(args, run_dir: Path, default: str) -> Path:
+def _model_file(path: Path, what: str, hint: str) -> Path:
+    """`path` if it is a file; else a one-line refusal naming `what` and how to fix it."""
     from vitprune.errors import ModelError
 
-    path = Path(args.checkpoint) if getattr(args, "checkpoint", None) else run_dir / default
     if path.is_dir():
-        raise ModelError(f"checkpoint '{path}' is a directory; give a .safetensors model file")
+        raise ModelError(f"{what} '{path}' is a directory; give a .safetensors model file")
     if not path.is_file():
-        raise ModelError(f"checkpoint '{path}' does not exist; run the earlier stage first "
-                         f"(or pass the checkpoint path)")
+        raise ModelError(f"{what} '{path}' does not exist; {hint}")
     return path
+
+
+def _checkpoint(args, run_dir: Path, default: str) -> Path:
+    path = Path(args.checkpoint) if getattr(args, "checkpoint", None) else run_dir / default
+    return _model_file(path, "checkpoint", "run the earlier stage first (or pass the checkpoint path)")
 
 
 def _given(args) -> Path | None:
@@ -144,20 +148,13 @@ def cmd_finetune(args) -> None:
     bundle, _ = _data_and_input(p)
     source = _checkpoint(args, run_dir, "")
     model = _load_for(source, bundle, p)
-    teacher = _load_for(_teacher_path(args.teacher), bundle, p, "teacher") if args.teacher else None
+    teacher = None
+    if args.teacher:
+        hint = "give the dense model, e.g. runs/default/dense.safetensors"
+        teacher = _load_for(_model_file(Path(args.teacher), "--teacher", hint), bundle, p, "teacher")
     name = source.name.removesuffix(".safetensors") + "_ft"
     history = fit(p, "finetune", model, bundle, source.parent, name, teacher=teacher)
     _print({"model": str(source.parent / f"{name}.safetensors"), **(history[-1] if history else {})})
-
-
-def _teacher_path(text: str, flag: str = "--teacher") -> Path:
-    from vitprune.errors import ModelError
-
-    path = Path(text)
-    if not path.is_file():
-        raise ModelError(f"{flag} '{path}' is not a model file; give the dense model, e.g. "
-                         "runs/default/dense.safetensors")
-    return path
 
 
 def cmd_decompose(args) -> None:
@@ -249,14 +246,14 @@ def cmd_export(args) -> None:
 def cmd_bench(args) -> None:
     import vitprune as vp
     from vitprune.export import input_shape
-    from vitprune.speed import RUNTIMES, interleaved_times, onnx_runner, speed_rows, torch_runner
+    from vitprune.speed import RUNTIMES, interleaved_times, runtime_runner, speed_rows
 
     source = _checkpoint(args, Path("."), "")
     model = vp.load_model(source)
     shape = input_shape(model)
     runtimes = RUNTIMES if args.runtime == "both" else (args.runtime,)
     if args.against:
-        dense = vp.load_model(_teacher_path(args.against, "--against"))
+        dense = vp.load_model(_model_file(Path(args.against), "--against", "give the model to compare with"))
         if input_shape(dense) != shape:
             from vitprune.errors import ModelError
 
@@ -273,9 +270,7 @@ def cmd_bench(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for bs in args.batch:
             x = torch.randn((bs, *shape[1:]))
-            runners = {"torch": torch_runner(model, x)} if "torch" in runtimes else {}
-            if "onnxruntime" in runtimes:
-                runners["onnxruntime"] = onnx_runner(model, x, Path(folder), f"m{bs}", args.threads)
+            runners = {rt: runtime_runner(model, x, rt, Path(folder), f"m{bs}", args.threads) for rt in runtimes}
             times = interleaved_times(runners, args.rounds, 3, 2, args.threads)
             out += [{"model": str(source), "runtime": rt, "batch": bs, **t,
                      "macs": vp.count_macs(model, (1, *shape[1:]))} for rt, t in times.items()]

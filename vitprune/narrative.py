@@ -6,16 +6,11 @@ true for whatever parameter set ran; nothing here is typed from a particular run
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pandas as pd
 
-
-def standard_error(top1: float, n: int) -> float:
-    """Binomial standard error, in points, of a top-1 accuracy (%) measured on n test images."""
-    p = min(max(top1 / 100, 0.0), 1.0)
-    return 100 * math.sqrt(p * (1 - p) / max(n, 1))
+from vitprune.stats import standard_error
 
 
 def _pct(x: float) -> str:

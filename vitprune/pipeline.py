@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import fcntl
+import functools
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from vitprune.checkpoint import write_json
+from vitprune.checkpoint import write_json, write_text
 from vitprune.errors import ParamsError, RunLocked, StageFailed
 from vitprune.names import STAGES
 from vitprune.params import load_params
@@ -158,9 +160,20 @@ def files_intact(run_dir: Path, stages: tuple[str, ...]) -> bool:
             return False
         for name, digest in record.get("outputs", {}).items():
             path = run_dir / name
-            if not path.is_file() or file_digest(path) != digest:
+            if not path.is_file() or _content_digest(str(path), *_signature(path)) != digest:
                 return False
     return True
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4096)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """file_digest, read once per version of a file: several stages check the same upstream files."""
+    return file_digest(Path(path))
 
 
 def _select(only: int | None, start: int | None) -> list[str]:
@@ -251,23 +264,11 @@ def render_html(run_dir: Path) -> Path:
             body, _ = exporter.from_filename(str(executed))
             write_text(out / f"{stage}.html", body)
             summary = (_record(run_dir, stage) or {}).get("summary", "")
-            items.append(f"<li><a href='{stage}.html'>{stage}</a><p>{html_escape(summary)}</p></li>")
+            items.append(f"<li><a href='{stage}.html'>{stage}</a><p>{html.escape(summary)}</p></li>")
     page = (f"<!doctype html><meta charset='utf-8'><title>vitprune: {run_dir.name}</title>"
             f"<h1>vitprune report: {run_dir.name}</h1><ol>{''.join(items)}</ol>")
     write_text(out / "index.html", page)
     return out / "index.html"
-
-
-def write_text(path: Path, text: str) -> None:
-    from vitprune.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, only: int | None = None,

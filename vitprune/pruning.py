@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vitprune.checkpoint import apply_block_structure, atomic_write
+from vitprune.checkpoint import apply_block_structure, write_text
 from vitprune.errors import PruneError
 from vitprune.gates import SITE_SLOT, fold_gates, gate_parameters
 from vitprune.layers import PrunableAttention, make_prunable, site_width, vit_blocks
@@ -61,8 +61,7 @@ class PrunePlan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(self.to_json()))
-        return path
+        return write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:

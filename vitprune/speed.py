@@ -61,6 +61,18 @@ def onnx_runner(model: nn.Module, x: torch.Tensor, folder: Path, name: str, thre
     return lambda: session.run(["logits"], feed)
 
 
+def runtime_runner(model: nn.Module, x: torch.Tensor, runtime: str, folder: Path, name: str,
+                   threads: int | None) -> Runner:
+    """A call of `model` on `x` in PyTorch eager or in onnxruntime (exported to `folder`/`name`.onnx)."""
+    return torch_runner(model, x) if runtime == "torch" else onnx_runner(model, x, folder, name, threads)
+
+
+def round_plan(repeats: int) -> tuple[int, int]:
+    """(rounds, calls per round) for a budget of about `repeats` timed calls: 3 to 7 rounds."""
+    rounds = max(3, min(7, repeats))
+    return rounds, max(1, repeats // rounds)
+
+
 def interleaved_times(runners: dict[str, Runner], rounds: int = 7, repeats: int = 5, warmup: int = 2,
                       threads: int | None = 2) -> dict[str, dict[str, float]]:
     """Per runner, the minimum and median over rounds of the mean time of one call, in milliseconds.
@@ -91,9 +103,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes:
     result = {}
     for bs in batch_sizes:
         x = torch.randn((bs, *input_shape[1:]), dtype=param.dtype, device=param.device)
-        rounds = max(3, min(7, repeats))
-        per_round = max(1, repeats // rounds)
-        times = interleaved_times({"m": torch_runner(model, x)}, rounds, per_round, warmup, threads)
+        times = interleaved_times({"m": torch_runner(model, x)}, *round_plan(repeats), warmup, threads)
         result[bs] = times["m"]["min_ms"]
     model.train(was_training)
     return result
@@ -110,12 +120,8 @@ def speed_rows(dense: nn.Module, variants: dict[str, nn.Module], input_shape: tu
         for bs in batch_sizes:
             x = torch.randn((bs, *input_shape[1:]), generator=torch.Generator().manual_seed(bs))
             for runtime in runtimes:
-                models = {"dense": dense, **variants}
-                if runtime == "torch":
-                    runners = {name: torch_runner(m, x) for name, m in models.items()}
-                else:
-                    runners = {name: onnx_runner(m, x, Path(folder), f"{name}_{bs}", threads)
-                               for name, m in models.items()}
+                runners = {name: runtime_runner(m, x, runtime, Path(folder), f"{name}_{bs}", threads)
+                           for name, m in {"dense": dense, **variants}.items()}
                 times = interleaved_times(runners, rounds, repeats, warmup=2, threads=threads)
                 for name in variants:
                     speedup = times["dense"]["min_ms"] / times[name]["min_ms"]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitprune.checkpoint import clean_stray_temps, write_json
+from vitprune.checkpoint import clean_stray_temps, write_json, write_text
 from vitprune.errors import FigureOwnerError, MissingStageError, ParamsError
 from vitprune.names import STAGES
 from vitprune.params import Params, load_params
@@ -108,13 +108,12 @@ class Stage:
         """Latency speed-up of `model` over `reference` at the largest bench batch, timed interleaved."""
         import torch
 
-        from vitprune.speed import interleaved_times, torch_runner
+        from vitprune.speed import interleaved_times, round_plan, torch_runner
 
         b = self.p.bench
         x = torch.randn((max(b.batch_sizes), *self.input_shape[1:]))
-        rounds = max(3, min(7, b.repeats))
-        times = interleaved_times({"ref": torch_runner(reference, x), "new": torch_runner(model, x)}, rounds,
-                                  max(1, b.repeats // rounds), b.warmup, b.threads)
+        times = interleaved_times({"ref": torch_runner(reference, x), "new": torch_runner(model, x)},
+                                  *round_plan(b.repeats), b.warmup, b.threads)
         speedup = times["ref"]["min_ms"] / times["new"]["min_ms"]
         return {"speedup_vs_source_x": speedup, "faster_than_source": speedup > 1.0}
 
@@ -164,9 +163,7 @@ class Stage:
 
     def save_text(self, filename: str, text: str) -> None:
         """Stage a text file (REPORT.md, environment.json) for figures/<set>/."""
-        from vitprune.checkpoint import atomic_write
-
-        atomic_write(self.staging / filename, lambda tmp: Path(tmp).write_text(text))
+        write_text(self.staging / filename, text)
 
     def report(self, records: dict[str, dict[str, Any]]) -> str:
         """Stage REPORT.md and environment.json: every stage's summary, figures, tables, the parameters, the

@@ -70,16 +70,7 @@ def with_spread(values: Sequence[float], digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
-def claim_markdown(c: dict[str, Any]) -> str:
-    """One sentence for a claim: statement, verdict, effect and interval."""
-    return (f"{c['statement']}: **{c['verdict']}** — difference {c['difference']:+.2f} points, "
-            f"{round(100 * c['level'])} % interval [{c['low']:+.2f}, {c['high']:+.2f}] "
-            f"({c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}, {c['test_images']:,} test images).")
-
-
-def binomial_interval(top1: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Normal-approximation interval (points) of one accuracy measured on n images."""
-    z = {0.9: 1.645, 0.95: 1.96, 0.99: 2.576}.get(level, 1.96)
-    p = top1 / 100
-    half = 100 * z * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
-    return top1 - half, top1 + half
+def standard_error(top1: float, n: int) -> float:
+    """Binomial standard error, in points, of a top-1 accuracy (%) measured on n test images."""
+    p = min(max(top1 / 100, 0.0), 1.0)
+    return 100 * math.sqrt(p * (1 - p) / max(n, 1))

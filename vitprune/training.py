@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from vitprune.checkpoint import atomic_write, clean_stray_temps, save_model
+from vitprune.checkpoint import clean_stray_temps, save_model, write_json
 from vitprune.data import DataBundle, test_batches, train_batches
 from vitprune.errors import ModelError, TrainingDiverged
 from vitprune.gates import gate_statistics, is_gate, l1_penalty
@@ -312,9 +311,7 @@ def _global_mean(total: float, count: int, device: torch.device) -> float:
 
 def write_history(history: list[dict[str, Any]], path: str | Path) -> Path:
     """Per-epoch records as JSON (atomically)."""
-    path = Path(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
-    return path
+    return write_json(Path(path), history)
 
 
 def fit(p: Params, stage: Literal["dense", "sparse", "finetune"], model: nn.Module, bundle: DataBundle,
