@@ -51,7 +51,7 @@ def test_train_sparse_prune_finetune_decompose_evaluate_info(tmp_path, capsys):
      "checkpoint '/nonexistent/sparse.safetensors' does not exist; run the earlier stage first"),
     (["info", "not_a_model_or_file"], "'not_a_model_or_file' is neither a model file nor a timm model name"),
     (["reproduce", "params/nope.yaml"], "params file 'params/nope.yaml' does not exist"),
-    (["reproduce", str(SMOKE), "--only", "9"], r"--only 9: accepted stage numbers are 1..8"),
+    (["reproduce", str(SMOKE), "--only", "10"], r"--only 10: accepted stage numbers are 1..9"),
     (["reproduce", str(SMOKE), "--set", "prune.scope=local"], "prune.scope: 'local' is not one of global"),
 ])
 def test_bad_cli_input_names_the_culprit(capsys, argv, pattern):

@@ -28,12 +28,17 @@ def gram_of(n, seed=1):
     return x.T @ x
 
 
+def calibration_kwargs(shape, seed=1):
+    """Statistics the data-aware methods take (the others ignore them): Gram, row Fisher, mean |x|."""
+    x = rand((200, shape[1]), seed=seed)
+    return {"gram": x.T @ x, "row_weights": rand((shape[0],), seed=seed + 1).abs(), "col_scale": x.abs().mean(0)}
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_reconstructs_at_full_rank(method, shape):
     w = rand(shape)
-    gram = gram_of(shape[1]) if method == "svd_activation" else None
-    a, b = vp.factorize(w, method, min(shape), gram=gram)
+    a, b = vp.factorize(w, method, min(shape), **calibration_kwargs(shape))
     assert a.shape == (min(shape), shape[1]) and b.shape == (shape[0], min(shape))
     assert torch.linalg.matrix_norm(b @ a - w) / torch.linalg.matrix_norm(w) <= 1e-10
 
@@ -71,8 +76,8 @@ def test_pivoted_qr_and_lu_match_scipy(shape):
 @pytest.mark.parametrize("rank", [1, 4, 12])
 def test_svd_is_never_beaten_at_equal_rank(rank):
     w = rand((32, 24))
-    errors = {m: torch.linalg.matrix_norm(w - (lambda ab: ab[1] @ ab[0])(vp.factorize(w, m, rank, gram=gram_of(24))))
-              for m in METHODS}
+    errors = {m: torch.linalg.matrix_norm(w - (lambda ab: ab[1] @ ab[0])(
+        vp.factorize(w, m, rank, **calibration_kwargs((32, 24))))) for m in METHODS}
     assert all(errors["svd"] <= e + 1e-12 for e in errors.values())
     sigma = torch.linalg.svdvals(w)
     assert torch.isclose(errors["svd"], sigma[rank:].square().sum().sqrt())  # Eckart-Young
@@ -94,6 +99,47 @@ def test_activation_aware_svd_has_lower_output_error_on_its_calibration_data():
         assert out["svd_activation"] < out["svd"]
 
 
+def test_data_aware_svds_beat_plain_svd_where_their_data_says_what_matters():
+    w = rand((48, 32))
+    # inputs with a dominant 6-dim subspace: whitened and column-scaled SVD lower the output error on them
+    basis = torch.linalg.qr(rand((32, 32), seed=5)).Q
+    x = rand((500, 32), seed=3) * torch.cat([torch.full((6,), 10.0), torch.full((26,), 0.1)]).double() @ basis.T
+    x = x * torch.logspace(0, -1, 32, dtype=torch.float64)  # and unequal feature scales (what ASVD sees)
+    stats = {"gram": x.T @ x, "col_scale": x.abs().mean(0)}
+
+    def output_error(m):
+        a, b = vp.factorize(w, m, 6, **stats, row_weights=torch.ones(48, dtype=torch.float64))
+        return torch.linalg.matrix_norm(x @ (w - b @ a).T)
+
+    assert output_error("svd_activation") < output_error("svd_scaled") < output_error("svd")
+    # a loss that reads only the first 8 outputs: their rows carry all the Fisher information
+    logits = torch.nn.Linear(32, 48, bias=False)
+    with torch.no_grad():
+        logits.weight.copy_(w.float())
+    net = torch.nn.Sequential(logits, Take(8))
+    batches = [(x[i:i + 100].float(), torch.randint(0, 8, (100,), generator=torch.Generator().manual_seed(i)))
+               for i in range(0, 500, 100)]
+    from vitprune.calibration import row_fisher
+
+    fisher = row_fisher(net, ["0"], batches)["0"]
+    assert (fisher[8:] == 0).all() and (fisher[:8] > 0).all()
+
+    def loss_rows_error(m):
+        a, b = vp.factorize(w, m, 8, row_weights=fisher)
+        return torch.linalg.matrix_norm((w - b @ a)[:8])
+
+    assert loss_rows_error("svd_fisher") < 1e-6 * torch.linalg.matrix_norm(w) < loss_rows_error("svd")
+
+
+class Take(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x[:, : self.k]
+
+
 def test_randomized_svd_is_close_to_exact():
     w = rand((64, 8)) @ rand((8, 48), seed=2)  # rank 8
     a, b = vp.factorize(w, "svd", 8, randomized=True)
@@ -109,7 +155,7 @@ def test_decomposed_vit_computes_the_same_function_when_weights_are_low_rank(met
             w = layer.weight.double()
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             layer.weight.copy_((u[:, :rank] * s[:rank]) @ vh[:rank])
-    calib = [(torch.randn(8, 1, 28, 28), None)]
+    calib = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
     small = vp.decompose_model(model, method, rank=rank, calibration=calib)
     assert len(vp.decomposition_report(model, small)) == 8
     assert (small(x) - model(x)).abs().max() <= 1e-4
@@ -165,7 +211,7 @@ def test_bad_rank(rank):
 
 
 def test_unknown_method_lists_methods():
-    with pytest.raises(DecomposeError, match="accepted: svd, svd_activation, qr_householder"):
+    with pytest.raises(DecomposeError, match="accepted: svd, svd_activation, svd_fisher, svd_scaled, qr_householder"):
         vp.factorize(rand((4, 4)), "cholesky", 2)
 
 
@@ -178,12 +224,14 @@ def test_non_2d_and_nan_weights():
         vp.qr(w, "qr_mgs")
 
 
-def test_svd_activation_without_calibration():
-    with pytest.raises(DecomposeError, match="needs calibration data"):
-        vp.factorize(rand((8, 8)), "svd_activation", 2)
+@pytest.mark.parametrize("method, key", [("svd_activation", "gram"), ("svd_fisher", "row_weights"),
+                                         ("svd_scaled", "col_scale")])
+def test_data_aware_methods_without_calibration(method, key):
+    with pytest.raises(DecomposeError, match=f"'{method}' needs calibration data: pass {key}="):
+        vp.factorize(rand((8, 8)), method, 2)
     model, _, _ = make_arch("custom_cls")
     with pytest.raises(DecomposeError, match="needs calibration data"):
-        vp.decompose_model(model, "svd_activation", rank=2)
+        vp.decompose_model(model, method, rank=2)
 
 
 def calibration_for(x: torch.Tensor, seed: int = 3, batches: int = 3):
@@ -212,7 +260,7 @@ def test_refit_never_increases_the_calibration_output_error(method):
         e_refit = output_error(w, r.first.weight, r.second.weight, grams[name])
         assert e_refit <= e_plain * (1 + 1e-9)
         improved += e_refit < 0.999 * e_plain
-    if method not in ("svd_activation",):  # the whitened SVD is already optimal for its calibration data
+    if method != "svd_activation":  # the whitened SVD is already optimal for its calibration data
         assert improved > 0
 
 
@@ -220,3 +268,34 @@ def test_refit_needs_calibration():
     model, _, _ = make_arch("custom_cls")
     with pytest.raises(DecomposeError, match="refit=True needs calibration data"):
         vp.decompose_model(model, "qr_mgs", rank_ratio=0.5, refit=True)
+
+
+def test_the_allocator_respects_its_budget_and_favours_the_sensitive_layer():
+    from vitprune.allocation import allocate, layer_sensitivity
+
+    model, x, _ = make_arch("custom_cls")
+    sensitive = "blocks.0.mlp.fc1"
+    with torch.no_grad():  # make one layer's output matter far more than any other's
+        model.get_submodule(sensitive).weight.mul_(8.0)
+        images = [torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        calibration = [(x, model(x).argmax(1)) for x in images]  # labels the model gets right: any change costs
+    rows = layer_sensitivity(model, "svd", calibration, rank_ratios=(0.25, 0.5))
+    linears = vp.decompose.target_linears(model)
+    dense = {n: m.in_features * m.out_features for n, m in linears.items()}
+    cheapest = sum(min([dense[n]] + [r["params"] for r in rows if r["layer"] == n]) for n in dense)
+    for budget in (cheapest, cheapest + 3000, (cheapest + sum(dense.values())) // 2):
+        ranks = allocate(rows, dense, budget)
+        used = sum(r * (linears[n].in_features + linears[n].out_features) for n, r in ranks.items()) + sum(
+            dense[n] for n in dense if n not in ranks)
+        assert used <= budget
+    ranks = allocate(rows, dense, (cheapest + sum(dense.values())) // 2)
+    others = [r for n, r in ranks.items() if n != sensitive and n.endswith("fc1")]
+    assert others and sensitive not in ranks  # the sensitive layer stays dense while another fc1 is factorized
+    worst = {n: max(r["loss_increase"] for r in rows if r["layer"] == n) for n in {r["layer"] for r in rows}}
+    assert max(worst, key=worst.get) == sensitive
+    capped = layer_sensitivity(model, "svd", calibration, rank_ratios=(0.25, 0.5), max_ranks={sensitive: 4})
+    assert {r["rank"] for r in capped if r["layer"] == sensitive} == {4}  # e.g. a measured break-even rank
+    small = vp.decompose_model(model, "svd", ranks=ranks)
+    assert {n for n, m in small.named_modules() if isinstance(m, vp.FactorizedLinear)} == set(ranks)
+    with pytest.raises(DecomposeError, match="below the cheapest allocation"):
+        allocate(rows, dense, cheapest - 1)

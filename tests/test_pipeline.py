@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, SMOKE
 from vitprune.errors import RunLocked, StageFailed
-from vitprune.names import STAGES
+from vitprune.names import DECOMPOSE_METHODS, STAGES
 from vitprune.pipeline import progress_line, reproduce, stage_hash
 from vitprune.reporting import reproducible_columns
 
@@ -45,8 +45,9 @@ def test_every_figure_and_table_name_is_written_by_one_notebook():
     for path in NOTEBOOKS:
         source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("save_figure", "save_table"):
-                name = node.args[1]
+            where = {"save_figure": 1, "save_table": 1, "save_seed_table": 2}  # the name's position
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in where:
+                name = node.args[where[node.func.attr]]
                 assert isinstance(name, ast.Constant), f"{path.name}: figure/table names must be literals"
                 assert owners.setdefault(name.value, path.stem) == path.stem, (
                     f"{name.value} written by {owners[name.value]} and {path.stem}")
@@ -90,20 +91,48 @@ def test_smoke_sequence_regenerates_every_table_and_figure(smoke_run):
     assert set(timing["stages"]) == set(STAGES) and not any(s.get("skipped") for s in timing["stages"].values())
     fig = root / "figures" / "smoke"
     manifest = json.loads((fig / "MANIFEST.json").read_text())
-    for name in ("table_vtp", "table_sun", "table_ablation_scores"):
+    for name in ("table_vtp", "table_sun", "table_ablation_scores", "table_equal_share", "table_equal_budget",
+                 "table_equal_budget_finetuned"):
         assert all((fig / f"{name}{ext}").is_file() for ext in (".md", ".csv", ".tex"))
     for name in ("training_curves", "sparsity_emerging", "gate_score_distributions", "kept_dims_per_block",
                  "singular_value_spectra", "qr_orthogonality", "reconstruction_error_vs_rank", "accuracy_vs_macs",
-                 "accuracy_vs_latency"):
+                 "accuracy_vs_latency", "accuracy_vs_rank", "ablation_scores", "finetune_curves",
+                 "equal_budget_params", "equal_budget_macs", "equal_budget_finetuned"):
         assert (fig / f"{name}.png").stat().st_size > 1000 and (fig / f"{name}.pdf").is_file()
     assert set(manifest) == {p.name for p in fig.iterdir()} - {"MANIFEST.json"}
     assert set(manifest.values()) <= set(STAGES)
-    vtp = pd.read_csv(fig / "table_vtp.csv")
-    assert list(vtp.variant) == ["dense", "pruned_gates_40"] and vtp.macs_M[1] < vtp.macs_M[0]
+    vtp = pd.read_csv(fig / "table_vtp.csv")  # one row per seed and variant
+    assert sorted(vtp.seed.unique()) == [0, 1] and list(vtp.variant.unique()) == ["dense", "pruned_gates_40"]
+    assert (vtp.loc[vtp.variant == "pruned_gates_40", "macs_reduction_%"] > 0).all()
     sun = pd.read_csv(fig / "table_sun.csv")
-    assert set(sun.method) == {"svd", "svd_activation", "qr_householder", "qr_cgs", "qr_mgs", "qr_givens",
-                               "qr_pivoted", "lu", "lu_complete"}
-    assert (root / "runs" / "smoke" / "notebooks" / "08_comparison.ipynb").is_file()
+    assert set(sun.method) == set(DECOMPOSE_METHODS) and (sun.groupby("seed").size() == len(DECOMPOSE_METHODS)).all()
+    shown = (fig / "table_sun.md").read_text()  # the Markdown shows mean ± std and the number of seeds
+    assert " ± " in shown and shown.splitlines()[0].endswith("| n |") and "| 2 |" in shown
+    found = json.loads((fig / "findings.json").read_text())
+    assert len(found) >= 20 and all(f["verdict"] in ("holds", "reversed", "not distinguishable at this scale")
+                                    and f["low"] <= f["difference"] <= f["high"] and f["n_seeds"] == 2
+                                    and f["test_images"] > 0 for f in found)
+    assert (root / "runs" / "smoke" / "notebooks" / "09_comparison.ipynb").is_file()
+
+
+def test_every_seed_runs_its_own_chain_and_a_seed_alone_gives_the_same_numbers(smoke_run, tmp_path):
+    root, _ = smoke_run
+    run_dir = root / "runs" / "smoke"
+    for seed in (0, 1):
+        files = {p.name for p in (run_dir / f"seed{seed}").iterdir()}
+        assert {"dense.safetensors", "sparse.safetensors", "scores.safetensors", "pruned_gates_40.safetensors",
+                "decomp_svd.safetensors", "decomp_svd_ft.safetensors"} <= files
+    record = json.loads((run_dir / "01_sparse_training.json").read_text())
+    dense = {s: r["dense"] for s, r in record["seeds"].items()}
+    assert set(dense) == {"0", "1"} and dense["0"]["answers"] != dense["1"]["answers"]  # two different models
+    with working_dir(root / "project"):  # seed 1 alone, inline: nothing of seed 0 (or of the pool) leaks into it
+        reproduce("params/smoke.yaml", overrides={"seeds": [1]}, runs_root=tmp_path / "runs",
+                  figures_root=tmp_path / "figures")
+    for name in ("table_vtp", "table_sun", "table_ablation_scores", "table_sun_rank_sweep"):
+        both = reproducible_columns(pd.read_csv(root / "figures" / "smoke" / f"{name}.csv"))
+        alone = reproducible_columns(pd.read_csv(tmp_path / "figures" / "smoke" / f"{name}.csv"))
+        pd.testing.assert_frame_equal(both[both.seed == 1].reset_index(drop=True), alone, check_exact=True,
+                                      check_dtype=False, obj=name)  # "20" and "20.0" read back alike
 
 
 def test_every_figure_is_an_image_output_of_the_notebook_that_made_it(smoke_run):
@@ -130,22 +159,25 @@ def test_report_links_every_figure_and_table_and_records_the_environment(smoke_r
     for png in fig.glob("*.png"):
         assert f"]({png.name})" in report, png.name
     for table in fig.glob("*.md"):
-        if table.name != "REPORT.md":
+        if table.name not in ("REPORT.md", "findings.md"):
             assert f"**{table.stem}**" in report and table.read_text().splitlines()[0] in report, table.name
     env = json.loads((fig / "environment.json").read_text())
     assert {"cpu", "torch_threads", "torch", "timm", "numpy", "git_commit", "params_sha256"} <= set(env)
     assert "## Parameter set" in report and "## Timings" in report and "What this shows" not in report
+    assert "## Findings" in report and (fig / "findings.md").read_text().splitlines()[0] in report
+    assert "Seeds 0, 1 (2 chains, nothing random shared)" in report and "test images (a fixed split" in report
     index = (root / "runs" / "smoke" / "report" / "index.html").read_text()
     assert all(f"{stage}.html" in index for stage in STAGES)
-    assert (root / "runs" / "smoke" / "report" / "08_comparison.html").stat().st_size > 10_000
+    assert (root / "runs" / "smoke" / "report" / "09_comparison.html").stat().st_size > 10_000
 
 
 def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(smoke_run):
     root, _ = smoke_run
     before = tables(root / "figures" / "smoke")
+    findings_before = json.loads((root / "figures" / "smoke" / "findings.json").read_text())
     again = run_again(root)
     assert all(s.get("skipped") for s in again["stages"].values())
-    checkpoint = root / "runs" / "smoke" / "dense.ckpt.safetensors"
+    checkpoint = root / "runs" / "smoke" / "seed0" / "dense.ckpt.safetensors"
     written = checkpoint.stat().st_mtime_ns
     forced = run_again(root, force=True)
     assert not any(s.get("skipped") for s in forced["stages"].values())
@@ -154,6 +186,8 @@ def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(sm
     assert before.keys() == after.keys()
     for name in before:
         pd.testing.assert_frame_equal(before[name], after[name], check_exact=True, obj=name)
+    found = json.loads((root / "figures" / "smoke" / "findings.json").read_text())
+    assert found == findings_before  # same machine, same seeds: the same findings, to the last digit
 
 
 def test_library_edits_rerun_the_stages_that_reach_them_and_only_those(smoke_run):
@@ -183,7 +217,7 @@ def test_library_edits_rerun_the_stages_that_reach_them_and_only_those(smoke_run
 
 def test_a_deleted_upstream_model_reruns_the_stage_that_made_it(smoke_run):
     root, _ = smoke_run
-    model = root / "runs" / "smoke" / "sparse.safetensors"
+    model = root / "runs" / "smoke" / "seed1" / "sparse.safetensors"
     model.unlink()
     assert "seconds" in run_again(root, only=1)["stages"]["01_sparse_training"]
     assert model.is_file()
@@ -199,12 +233,12 @@ def test_one_run_per_set_a_second_is_refused_naming_the_holder(smoke_run):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLocked, match=rf"in use by PID {holder.pid} \(vitprune reproduce, started "):
-            run_again(root, only=8)
+            run_again(root, only=9)
     finally:
         holder.kill()
         holder.wait()
     (run_dir / ".lock").write_text("PID 999999 (vitprune reproduce, started long ago)")  # a dead holder's lock
-    assert run_again(root, only=8)["stages"]["08_comparison"]
+    assert run_again(root, only=9)["stages"]["09_comparison"]
 
 
 def test_the_kernels_progress_line_reaches_the_bar(tmp_path):
@@ -219,10 +253,10 @@ def test_the_kernels_progress_line_reaches_the_bar(tmp_path):
     bar = Bar()
     import time
 
-    with progress_line(bar, tmp_path, "07_finetuning"):
+    with progress_line(bar, tmp_path, "08_finetuning"):
         report("decomp_svd_ft epoch 3/10")
         time.sleep(1.2)
-    assert "07_finetuning | decomp_svd_ft epoch 3/10" in bar.shown
+    assert "08_finetuning | decomp_svd_ft epoch 3/10" in bar.shown
 
 
 def test_a_stage_run_before_its_inputs_names_the_notebook_and_leaves_figures_alone(tmp_path):
@@ -242,6 +276,6 @@ def test_smoke_flag_runs_every_parameter_set_at_full_size(params_file, tmp_path)
         timing = reproduce(params_file, smoke=True, runs_root=tmp_path / "runs", figures_root=tmp_path / "figures")
         assert set(timing["stages"]) == set(STAGES)
         sun = pd.read_csv(tmp_path / "figures" / f"{params_file.stem}_smoke" / "table_sun.csv")
-        assert len(sun) == 9 and (sun.params_M > 0).all()
+        assert (sun.groupby("seed").size() == len(DECOMPOSE_METHODS)).all() and (sun.params_M > 0).all()
     finally:
         shutil.rmtree(tmp_path / "runs", ignore_errors=True)  # DeiT-B checkpoints are large

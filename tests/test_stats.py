@@ -69,3 +69,20 @@ def test_standard_error_of_an_accuracy():
     from vitprune.stats import standard_error
 
     assert abs(standard_error(97.0, 1000) - 0.5394) < 1e-3 and standard_error(100.0, 10) == 0.0
+
+
+def test_answers_round_trip_and_seed_tables_show_mean_and_spread():
+    import pandas as pd
+
+    from vitprune.stats import decode_answers, encode_answers, seed_summary, spread_columns
+
+    bits = [True, False, False, True, True]
+    assert encode_answers(bits) == "10011" and decode_answers("10011").tolist() == [1, 0, 0, 1, 1]
+    long = pd.DataFrame({"seed": [0, 1, 2, 0, 1, 2], "variant": ["b", "b", "b", "a", "a", "a"],
+                         "top1": [90.0, 92.0, 94.0, 80.0, 80.0, 80.0], "params_M": [1.0, 1.0, 1.0, 2.0, 2.0, 3.0]})
+    summary = seed_summary(long, ["variant"])
+    assert list(summary.variant) == ["b", "a"] and list(summary.n) == [3, 3]  # first-seen order, seeds counted
+    assert summary.top1.tolist() == [92.0, 80.0] and summary.top1_std.tolist() == [2.0, 0.0]
+    shown = spread_columns(summary, ["top1"])
+    assert shown.top1.tolist() == ["92.0 ± 2.0", "80.0 ± 0.0"] and "top1_std" not in shown
+    assert shown.params_M.tolist() == [1.0, pytest.approx(7 / 3)]

@@ -167,3 +167,12 @@ def test_temporary_files_of_a_killed_writer_are_cleaned_at_the_next_start(tmp_pa
     model = smoke_model(smoke_params, digits_bundle)
     train(model, digits_bundle, cfg(epochs=1), tmp_path, "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt.safetensors"]
+
+
+def test_evaluating_only_after_the_last_epoch_trains_the_same_weights(tmp_path, smoke_params, digits_bundle):
+    every, last = smoke_model(smoke_params, digits_bundle), smoke_model(smoke_params, digits_bundle)
+    h_every = train(every, digits_bundle, cfg(), tmp_path / "every", "m")
+    h_last = train(last, digits_bundle, cfg(eval_every=3), tmp_path / "last", "m")
+    assert all(torch.equal(a, b) for a, b in zip(every.state_dict().values(), last.state_dict().values()))
+    assert [("test_top1" in r) for r in h_last] == [False, False, True] and all("test_top1" in r for r in h_every)
+    assert h_last[-1]["test_top1"] == h_every[-1]["test_top1"]

@@ -240,7 +240,10 @@ def summary_markdown(r: dict[str, Any]) -> str:
              f"- VTP gates: training-step overhead {r['gate_overhead_pct']:.1f} %",
              f"- SVD of all 48 DeiT-B projections: {r['deit_b_svd_all_48_s']:.1f} s"]
     if "pipeline" in r:
-        lines.append(f"- `make reproduce` pipeline (after install): {r['pipeline']['total_seconds']:.0f} s")
+        stages = ", ".join(f"{name} {entry['seconds']:.0f} s" for name, entry in r["pipeline"]["stages"].items()
+                           if "seconds" in entry)
+        total = r["pipeline"]["total_seconds"]
+        lines.append(f"- `make reproduce` pipeline (after install, from scratch): {total:.0f} s ({stages})")
     lines += ["", "## Goals on DeiT-S (worst of batch 1 and 8)", "", markdown_table(pd.DataFrame(r["goals"]).round(3))]
     cols = ["variant", "runtime", "batch", "macs_reduction_x", "latency_ms", "speedup_x", "speedup_over_macs"]
     for key in (k for k in r if k.startswith(("pruning_", "factorized_"))):

@@ -277,11 +277,25 @@ def cmd_bench(args) -> None:
     _print(out)
 
 
+def _seed_list(text: str) -> list[int]:
+    """--seeds 0,1,2 as a list of non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds such as 0,1,2") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are non-negative integers")
+    return seeds
+
+
 def cmd_reproduce(args) -> None:
     from vitprune.params import parse_set_args
     from vitprune.pipeline import reproduce
 
-    reproduce(args.params_file, overrides=parse_set_args(args.set), only=args.only, start=args.start,
+    overrides = parse_set_args(args.set)
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    reproduce(args.params_file, overrides=overrides, only=args.only, start=args.start,
               force=args.force, smoke=args.smoke, runs_root=Path(args.runs_root), figures_root=Path(args.figures_root))
 
 
@@ -361,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", type=int, help="start at stage N")
     p.add_argument("--force", action="store_true", help="re-run stages even if unchanged")
     p.add_argument("--smoke", action="store_true", help="synthetic data, full architecture, a couple of steps")
+    p.add_argument("--seeds", type=_seed_list, metavar="S[,S...]",
+                   help="run these seeds instead of the set's (e.g. --seeds 0 for a quick single-seed run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--figures-root", default="figures")

@@ -17,11 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitprune.calibration import calibration_statistics, input_grams
 from vitprune.errors import DecomposeError
 from vitprune.layers import FactorizedLinear
 from vitprune.linalg import check_matrix, check_method, check_rank, lu, qr
 from vitprune.names import CALIBRATED_METHODS, DECOMPOSE_METHODS, LAYERS, LU_METHODS
 from vitprune.speed import break_even_rank, tokens_per_image
+
+ASVD_ALPHA = 0.5  # ASVD's exponent on the mean |x| per input feature (Yuan et al. 2023)
+
+__all__ = ["decompose_model", "decomposition_report", "factorize", "input_grams", "target_linears"]
 
 # ---------------------------------------------------------------- factorize
 
@@ -49,22 +54,57 @@ def _whitener(gram: torch.Tensor) -> torch.Tensor:
     raise DecomposeError("calibration Gram matrix is not positive definite even after damping")
 
 
+def _weighted_svd(w: torch.Tensor, rank: int, left: torch.Tensor | None, right: torch.Tensor | None,
+                  randomized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of diag(left) W diag(right), mapped back: minimises ||diag(left) (W − BA) diag(right)||_F."""
+    m = w.double()
+    left = None if left is None else _positive(left.double())
+    right = None if right is None else _positive(right.double())
+    if left is not None:
+        m = left[:, None] * m
+    if right is not None:
+        m = m * right[None, :]
+    a, b = _svd_factors(m, rank, randomized)
+    if left is not None:
+        b = b / left[:, None]
+    if right is not None:
+        a = a / right[None, :]
+    return a.to(w.dtype), b.to(w.dtype)
+
+
+def _positive(weights: torch.Tensor) -> torch.Tensor:
+    """Weights kept strictly positive (a floor of 1e-6 of their mean), so the weighting can be undone."""
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise DecomposeError("calibration weights must be finite and non-negative")
+    return weights.clamp_min(1e-6 * float(weights.mean().clamp_min(1e-300)))
+
+
 def factorize(w: torch.Tensor, method: str, rank: int, gram: torch.Tensor | None = None,
-              randomized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              randomized: bool = False, row_weights: torch.Tensor | None = None,
+              col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors (A: rank x in, B: out x rank) with W ~= B @ A.
 
-    `gram` (in x in, the calibration inputs' X^T X) is required by ``svd_activation``, whose
-    truncation then minimises the output error ||X (W - BA)^T|| instead of the weight error.
+    The data-aware SVDs need calibration statistics (`calibration.calibration_statistics`):
+    ``svd_activation`` the inputs' Gram matrix `gram` (truncation minimises the output error
+    ||(W - BA) X||), ``svd_fisher`` the rows' Fisher information `row_weights` (minimises
+    ||diag(sqrt F) (W - BA)||), ``svd_scaled`` the inputs' mean |x| per feature `col_scale`
+    (ASVD: minimises ||(W - BA) diag(|x|^0.5)||).
     """
     check_method(method, DECOMPOSE_METHODS)
     check_matrix(w)
     check_rank(rank, w)
+    needs = {"svd_activation": ("gram", gram), "svd_fisher": ("row_weights", row_weights),
+             "svd_scaled": ("col_scale", col_scale)}
+    if method in needs and needs[method][1] is None:
+        raise DecomposeError(f"method '{method}' needs calibration data: pass {needs[method][0]}= (or calibration= "
+                             "to decompose_model)")
     if method == "svd":
         return _svd_factors(w, rank, randomized)
+    if method == "svd_fisher":
+        return _weighted_svd(w, rank, row_weights.double().sqrt(), None, randomized)
+    if method == "svd_scaled":
+        return _weighted_svd(w, rank, None, col_scale.double().abs() ** ASVD_ALPHA, randomized)
     if method == "svd_activation":
-        if gram is None:
-            raise DecomposeError("method 'svd_activation' needs calibration data: pass gram= (or calibration= "
-                                 "to decompose_model)")
         chol = _whitener(gram)
         a, b = _svd_factors((w.double() @ chol), rank, randomized)
         a = torch.linalg.solve_triangular(chol.T, a.T, upper=True, left=True).T  # A L^{-1}
@@ -97,33 +137,6 @@ def target_linears(model: nn.Module, layers: Iterable[str] = LAYERS) -> dict[str
             if isinstance(mod, nn.Linear):
                 out[f"blocks.{i}.{'attn' if parent is block.attn else 'mlp'}.{name}"] = mod
     return out
-
-
-@torch.no_grad()
-def input_grams(model: nn.Module, names: Iterable[str], batches: Iterable) -> dict[str, torch.Tensor]:
-    """X^T X of the inputs each named Linear sees over calibration batches (float64)."""
-    grams: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in names:
-        def hook(_mod, inputs, _out, name=name):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
-        hooks.append(model.get_submodule(name).register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        seen = 0
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(next(model.parameters()).device))
-            seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if not seen:
-        raise DecomposeError("calibration data is empty; svd_activation needs at least one batch")
-    return grams
 
 
 def _energy_rank(s: torch.Tensor, energy: float) -> int:
@@ -159,14 +172,23 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], budget: in
 
 
 def choose_ranks(linears: dict[str, nn.Linear], rank: int | None = None, rank_ratio: float | None = None,
-                 energy: float | None = None, param_budget: float | None = None) -> dict[str, int]:
-    """Per-layer ranks from exactly one of rank, rank_ratio (rank / min(in, out)), energy or param_budget."""
-    given = {k: v for k, v in dict(rank=rank, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget).items()
-             if v is not None}
+                 energy: float | None = None, param_budget: float | None = None,
+                 ranks: dict[str, int] | None = None) -> dict[str, int]:
+    """Per-layer ranks from exactly one of rank, rank_ratio (rank / min(in, out)), energy, param_budget or
+    ranks (explicit per-layer ranks, e.g. from `allocation.allocate`; layers not named stay dense)."""
+    given = {k: v for k, v in dict(rank=rank, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
+                                   ranks=ranks).items() if v is not None}
     if len(given) != 1:
-        raise DecomposeError("give exactly one of rank, rank_ratio, energy, param_budget "
+        raise DecomposeError("give exactly one of rank, rank_ratio, energy, param_budget, ranks "
                              f"(got {sorted(given) or 'none'})")
     key, value = next(iter(given.items()))
+    if key == "ranks":
+        unknown = sorted(set(value) - set(linears))
+        if unknown:
+            raise DecomposeError(f"ranks names layers that are not projections here: {', '.join(unknown)}")
+        for name, r in value.items():
+            check_rank(r, linears[name].weight)
+        return dict(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DecomposeError(f"{key} must be a finite number, got {value!r}")
     shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
@@ -193,14 +215,15 @@ def choose_ranks(linears: dict[str, nn.Linear], rank: int | None = None, rank_ra
 
 def rank_decisions(model: nn.Module, rank: int | None = None, rank_ratio: float | None = None,
                    energy: float | None = None, param_budget: float | None = None, layers: Iterable[str] = LAYERS,
-                   only_if_faster: bool = False, batch: int = 8, threads: int = 2) -> list[dict[str, Any]]:
+                   only_if_faster: bool = False, batch: int = 8, threads: int = 2,
+                   ranks: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Per layer: the chosen rank, whether it saves parameters, and (with only_if_faster) whether two matmuls
     at that rank beat one on this machine (`speed.break_even_rank` at `batch` images); `factorize` says which."""
     linears = target_linears(model, layers)
-    ranks = choose_ranks(linears, rank, rank_ratio, energy, param_budget)
+    chosen = choose_ranks(linears, rank, rank_ratio, energy, param_budget, ranks)
     tokens = batch * tokens_per_image(model) if only_if_faster else 0
     rows = []
-    for name, r in ranks.items():
+    for name, r in chosen.items():
         in_f, out_f = linears[name].in_features, linears[name].out_features
         row = {"layer": name, "in": in_f, "out": out_f, "rank": r, "saves_params": saves_params(in_f, out_f, r)}
         if only_if_faster:
@@ -240,7 +263,8 @@ def refit_second_factor(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram:
 def decompose_model(model: nn.Module, method: str, rank: int | None = None, rank_ratio: float | None = None,
                     energy: float | None = None, param_budget: float | None = None,
                     layers: Iterable[str] = LAYERS, calibration: Iterable | None = None,
-                    randomized: bool = False, only_if_faster: bool = False, refit: bool = False) -> nn.Module:
+                    randomized: bool = False, only_if_faster: bool = False, refit: bool = False,
+                    ranks: dict[str, int] | None = None) -> nn.Module:
     """A copy of `model` with the chosen projections factorized where that saves parameters (and, with
     only_if_faster, where two matmuls at that rank measure faster than one on this machine). With
     refit=True (needs calibration), each layer keeps its method's first factor A and refits B by least
@@ -251,15 +275,18 @@ def decompose_model(model: nn.Module, method: str, rank: int | None = None, rank
         raise DecomposeError(f"{what} needs calibration data: pass calibration=<batches or loader>")
     new = copy.deepcopy(model)
     linears = target_linears(new, layers)
-    decisions = rank_decisions(new, rank, rank_ratio, energy, param_budget, layers, only_if_faster)
-    ranks = {d["layer"]: d["rank"] for d in decisions if d["factorize"]}
-    grams = input_grams(new, ranks, calibration) if method in CALIBRATED_METHODS or refit else {}
-    for name, r in ranks.items():
+    decisions = rank_decisions(new, rank, rank_ratio, energy, param_budget, layers, only_if_faster, ranks=ranks)
+    chosen = {d["layer"]: d["rank"] for d in decisions if d["factorize"]}
+    stats = calibration_statistics(new, chosen, calibration, fisher=method == "svd_fisher") \
+        if method in CALIBRATED_METHODS or refit else {}
+    for name, r in chosen.items():
         layer = linears[name]
         w = layer.weight.detach()
-        a, b = factorize(w.double(), method, r, gram=grams.get(name), randomized=randomized)
+        seen = stats.get(name, {})
+        a, b = factorize(w.double(), method, r, gram=seen.get("gram"), randomized=randomized,
+                         row_weights=seen.get("row_fisher"), col_scale=seen.get("abs_mean"))
         if refit:
-            b = refit_second_factor(w, a, b, grams[name])
+            b = refit_second_factor(w, a, b, seen["gram"])
         parent_name, _, attr = name.rpartition(".")
         setattr(new.get_submodule(parent_name), attr,
                 FactorizedLinear.from_factors(a.to(w.dtype), b.to(w.dtype), layer.bias).to(w.device))
@@ -276,3 +303,21 @@ def decomposition_report(model: nn.Module, decomposed: nn.Module) -> list[dict[s
             rows.append({"layer": name, "in": mod.in_features, "out": mod.out_features, "rank": mod.rank,
                          "rel_error": float(err)})
     return rows
+
+
+@torch.no_grad()
+def same_up_to_signs(model_a: nn.Module, model_b: nn.Module) -> bool:
+    """Whether two models hold bitwise the same weights, each factorized layer's factor pairs (row j of A with
+    column j of B) allowed to differ in sign — the same function, and, since training (AdamW, clipping, weight
+    decay) is equivariant to those flips, the same fine-tuning."""
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    if state_a.keys() != state_b.keys() or any(state_a[k].shape != state_b[k].shape for k in state_a):
+        return False
+    flips = {}
+    for name, layer in model_b.named_modules():
+        if isinstance(layer, FactorizedLinear):
+            a_other = model_a.get_submodule(name).first.weight
+            flips[f"{name}.first.weight"] = torch.where((a_other * layer.first.weight).sum(1) < 0, -1.0, 1.0)[:, None]
+            flips[f"{name}.second.weight"] = flips[f"{name}.first.weight"].T
+    return all(torch.equal(state_a[k], state_b[k] * flips[k].to(state_b[k].dtype) if k in flips else state_b[k])
+               for k in state_a)

@@ -7,23 +7,23 @@ it calls do no I/O of their own), so the notebooks stay thin and every step is r
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from vitprune import linalg
 from vitprune.checkpoint import save_model
-from vitprune.decompose import decompose_model, decomposition_report
 from vitprune.metrics import count_macs, count_params, evaluate
-from vitprune.names import CALIBRATED_METHODS, QR_STUDY_METHODS
+from vitprune.names import BUDGET_STRATEGIES, QR_STUDY_METHODS
 from vitprune.pruning import PrunePlan, plan_pruning, prune
 from vitprune.scoring import Scores
 from vitprune.speed import measure_latency
+from vitprune.stats import seed_summary, spread_columns
 
 # ---------------------------------------------------------------- variants (notebooks 03-06)
 
@@ -55,106 +55,132 @@ def prune_variant(model: nn.Module, scores: Scores, criterion: str, ratio: float
     return name, small, plan
 
 
-def decompose_variants(model: nn.Module, methods: Iterable[str], rank_ratios: Iterable[float],
-                       layers: Iterable[str], keep_ratio: float, run_dir, profile,
-                       calibration: Iterable | None = None, speedup=None) -> list[dict[str, Any]]:
-    """Decompose `model` with every method at every rank ratio; one row each (profile(model) adds accuracy,
-    params, MACs, latency; speedup(model, new) whether it is faster than its source). The models at
-    `keep_ratio` are saved as decomp_<method>.safetensors for fine-tuning."""
-    rows = []
-    for method in methods:
-        for ratio in rank_ratios:
-            t0 = time.perf_counter()
-            new = decompose_model(model, method, rank_ratio=ratio, layers=layers,
-                                  calibration=calibration if method in CALIBRATED_METHODS else None)
-            seconds = time.perf_counter() - t0
-            report = decomposition_report(model, new)
-            row = {"method": method, "rank_ratio": ratio, "layers_factorized": len(report),
-                   "rel_error": sum(r["rel_error"] for r in report) / max(1, len(report)),
-                   "decompose_time_s": seconds, **profile(new), **(speedup(model, new) if speedup else {})}
-            if math.isclose(ratio, keep_ratio):
-                row["model"] = f"decomp_{method}.safetensors"
-                save_model(new, Path(run_dir) / row["model"])
-            rows.append(row)
-    return rows
+# ---------------------------------------------------------------- per-seed frames and tables (notebooks 02-08)
+
+ACCURACY_COLUMNS = ("top1", "top5")  # columns shown as mean ± std; the others as means
 
 
-# ---------------------------------------------------------------- comparison tables (notebook 08)
+def seed_frame(rows_by_seed: dict[int, list[dict[str, Any]]]) -> pd.DataFrame:
+    """One row per (seed, row) with a `seed` column first; per-image answers and histories left out."""
+    rows = [{"seed": int(seed), **{k: v for k, v in row.items() if k not in ("answers", "history")}}
+            for seed, rows in rows_by_seed.items() for row in rows]
+    return pd.DataFrame(rows)
+
+
+def stage_frame(record: dict[str, Any], key: str) -> pd.DataFrame:
+    """The per-seed frame of the rows a stage record keeps under `key` for every seed."""
+    return seed_frame({int(seed): r[key] for seed, r in record["seeds"].items()})
+
+
+def dense_frame(record: dict[str, Any], timed: dict[str, Any], first_seed: int) -> pd.DataFrame:
+    """Every seed's dense model (record of notebook 01), with the latency columns of `timed` (the first seed's
+    dense model, timed alone) on the first seed's row."""
+    dense = seed_frame({int(seed): [r["dense"]] for seed, r in record["seeds"].items()})
+    for column in latency_columns(timed):
+        dense[column] = [timed[column] if seed == first_seed else np.nan for seed in dense["seed"]]
+    return dense
+
+
+def before_after(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """top1 and top1_ft of a per-seed frame as one `top1` column with `when` = before / after fine-tuning."""
+    named = frame[["seed", key, "top1", "top1_ft"]].rename(columns={"top1": "before fine-tuning",
+                                                                   "top1_ft": "after fine-tuning"})
+    return named.melt(id_vars=["seed", key], var_name="when", value_name="top1")
+
+
+def summary_table(long: pd.DataFrame, keys: list[str], sort_by: str | None = None) -> pd.DataFrame:
+    """The per-seed frame as one row per `keys`: accuracy columns as 'mean ± std', other numbers as means,
+    and n (seeds); sorted by the mean of `sort_by`, highest first, where given."""
+    summary = seed_summary(long, keys)
+    if sort_by:
+        summary = summary.sort_values(sort_by, ascending=False, kind="stable")
+    return spread_columns(summary, [c for c in summary.columns
+                                    if c.startswith(ACCURACY_COLUMNS) and not c.endswith("_std")])
+
 
 def with_finetuned(tuned: pd.DataFrame, df: pd.DataFrame, key: str = "variant") -> pd.DataFrame:
-    """`df` plus top1_ft/top5_ft looked up by `key` in the fine-tuning results (indexed by variant)."""
-    df = df.copy()
-    df["top1_ft"] = df[key].map(tuned["top1"])
-    df["top5_ft"] = df[key].map(tuned["top5"])
-    return df
+    """`df` plus top1_ft/top5_ft of the same seed and variant from the fine-tuning results."""
+    ft = tuned[["seed", "variant", "top1", "top5"]].rename(columns={"variant": key, "top1": "top1_ft",
+                                                                     "top5": "top5_ft"})
+    return df.merge(ft, on=["seed", key], how="left")
 
 
-def latency_columns(record: dict[str, Any]) -> list[str]:
-    """The measured-latency columns of a profile record, in batch-size order."""
-    return [c for c in record if c.startswith("latency")]
+def latency_columns(frame: pd.DataFrame | dict[str, Any]) -> list[str]:
+    """The measured-latency columns of a profile record or frame, in batch-size order."""
+    return [c for c in frame if str(c).startswith("latency")]
 
 
-def vtp_rows(dense: dict[str, Any], pruned: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
-    """Dense and every gate-pruned variant with accuracy before/after fine-tuning and MAC reduction."""
-    vtp = with_finetuned(tuned, pruned[pruned.criterion == "gates"], "variant")
-    head = pd.DataFrame([{"variant": "dense", "ratio": 0.0, "realised_ratio": 0.0, **dense,
-                          "top1_ft": dense["top1"], "top5_ft": dense["top5"]}])
-    vtp = pd.concat([head, vtp], ignore_index=True)
-    vtp["macs_reduction_%"] = 100 * (1 - vtp["macs_M"] / dense["macs_M"])
-    vtp["top1_drop_ft"] = dense["top1"] - vtp["top1_ft"]
+def vtp_rows(dense: pd.DataFrame, pruned: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: dense and every gate-pruned variant with accuracy before/after fine-tuning and MAC reduction."""
+    head = dense.assign(variant="dense", ratio=0.0, realised_ratio=0.0, top1_ft=dense["top1"], top5_ft=dense["top5"])
+    vtp = pd.concat([head, with_finetuned(tuned, pruned[pruned.criterion == "gates"])], ignore_index=True)
+    by_seed = dense.set_index("seed")
+    vtp["macs_reduction_%"] = 100 * (1 - vtp["macs_M"] / vtp["seed"].map(by_seed["macs_M"]))
+    vtp["top1_drop_ft"] = vtp["seed"].map(by_seed["top1"]) - vtp["top1_ft"]
     return vtp
 
 
 def vtp_table(vtp: pd.DataFrame, latency: list[str]) -> pd.DataFrame:
-    """Table VTP: the columns of `vtp_rows` the paper compares."""
-    return vtp[["variant", "realised_ratio", "params_M", "macs_M", "macs_reduction_%", *latency, "top1", "top5",
-                "top1_ft", "top5_ft", "top1_drop_ft"]]
+    """Table VTP (per seed): the columns of `vtp_rows` the paper compares."""
+    return vtp[["seed", "variant", "realised_ratio", "params_M", "macs_M", "macs_reduction_%", *latency, "top1",
+                "top5", "top1_ft", "top5_ft", "top1_drop_ft"]]
 
 
 def ablation_table(pruned: pd.DataFrame, tuned: pd.DataFrame, ratio: float, latency: list[str]) -> pd.DataFrame:
-    """Every importance criterion at the ablation ratio, best after fine-tuning first."""
-    ablation = with_finetuned(tuned, pruned[pruned.ratio == ratio], "variant")
-    return ablation[["criterion", "realised_ratio", "params_M", "macs_M", *latency, "top1", "top1_ft",
-                     "top5_ft"]].sort_values("top1_ft", ascending=False)
+    """Every importance criterion at the ablation ratio (per seed)."""
+    ablation = with_finetuned(tuned, pruned[pruned.ratio == ratio])
+    return ablation[["seed", "criterion", "realised_ratio", "params_M", "macs_M", *latency, "top1", "top1_ft",
+                     "top5_ft"]]
 
 
 def sun_rows(decomposed: pd.DataFrame, pruned: pd.DataFrame, tuned: pd.DataFrame, finetune_ratio: float,
              source_ratio: float) -> pd.DataFrame:
-    """Every method at the fine-tuning rank, with accuracy after fine-tuning and the drop against its source."""
-    sun = decomposed[decomposed.rank_ratio == finetune_ratio].copy()
-    sun = with_finetuned(tuned, sun, "variant")
-    source = pruned[pruned.variant == variant_name("gates", source_ratio)].iloc[0]
-    sun["top1_drop_ft_vs_pruned"] = tuned.loc[source["variant"], "top1"] - sun["top1_ft"]
+    """Per seed, every method at the fine-tuning rank, with accuracy after fine-tuning and the drop against its
+    fine-tuned source."""
+    sun = with_finetuned(tuned, decomposed[np.isclose(decomposed.rank_ratio, finetune_ratio)])
+    source = tuned[tuned.variant == variant_name("gates", source_ratio)].set_index("seed")["top1"]
+    sun["top1_drop_ft_vs_pruned"] = sun["seed"].map(source) - sun["top1_ft"]
     return sun
 
 
 def sun_table(sun: pd.DataFrame, latency: list[str]) -> pd.DataFrame:
-    """Table Sun: the columns of `sun_rows` the paper compares, best after fine-tuning first."""
+    """Table Sun (per seed): the columns of `sun_rows` the paper compares."""
     speed = [c for c in ("speedup_vs_source_x", "faster_than_source") if c in sun]
-    return sun[["method", "rank_ratio", "params_M", "macs_M", *latency, *speed, "rel_error", "decompose_time_s",
-                "top1", "top1_ft", "top1_drop_ft_vs_pruned"]].sort_values("top1_ft", ascending=False)
+    return sun[["seed", "method", "rank_ratio", "params_M", "macs_M", *latency, *speed, "rel_error",
+                "decompose_time_s", "top1", "top1_ft", "top1_drop_ft_vs_pruned"]]
 
 
 def rank_sweep_table(decomposed: pd.DataFrame) -> pd.DataFrame:
-    """Every method at every rank ratio, before fine-tuning."""
-    return decomposed[["method", "rank_ratio", "params_M", "macs_M", "rel_error", "top1"]]
+    """Every method at every rank ratio, before fine-tuning (per seed)."""
+    return decomposed[["seed", "method", "rank_ratio", "params_M", "macs_M", "rel_error", "top1"]]
 
 
-def decomposed_rows(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """The rows of notebooks 04-06 as one frame, each named by its fine-tuning variant."""
-    decomposed = pd.DataFrame(list(records))
-    decomposed["variant"] = "decomp_" + decomposed["method"]
-    return decomposed
+def strategy_names(keys: pd.Series, method: str) -> pd.Series:
+    """The equal-budget strategies' keys as the tables name them."""
+    return keys.map(lambda key: BUDGET_STRATEGIES[key].format(method=method))
+
+
+def budget_rows(record: dict[str, Any], tuned: pd.DataFrame, budget: Any) -> pd.DataFrame:
+    """Per seed, every strategy of notebook 07 at the fine-tuned budget point, with top1_ft/top5_ft."""
+    curves = stage_frame(record, "curves")
+    at = curves[np.isclose(curves.budget_ratio, budget.finetune_ratio) & (curves.matched == "params")].copy()
+    at["variant"] = at["model"].str.removesuffix(".safetensors")
+    at = with_finetuned(tuned, at)
+    at["strategy"] = strategy_names(at["strategy"], budget.method)
+    return at
 
 
 def comparison_points(vtp: pd.DataFrame, pruned: pd.DataFrame, tuned: pd.DataFrame,
                       sun: pd.DataFrame) -> pd.DataFrame:
-    """Every fine-tuned variant with its family, for the accuracy-vs-cost figures."""
-    return pd.concat([
-        vtp.assign(family=["dense"] + ["VTP pruned"] * (len(vtp) - 1)),
-        with_finetuned(tuned, pruned[pruned.criterion != "gates"], "variant").assign(family="other criteria"),
+    """Every fine-tuned variant with its family, as means over seeds (and _std), for the accuracy-vs-cost
+    figures."""
+    long = pd.concat([
+        vtp.assign(family=np.where(vtp.variant == "dense", "dense", "VTP pruned")),
+        with_finetuned(tuned, pruned[pruned.criterion != "gates"]).assign(family="other criteria"),
         sun.assign(family="decomposed (fine-tuned)"),
     ], ignore_index=True)
+    columns = ["seed", "family", "variant", "params_M", "macs_M", *latency_columns(long), "top1_ft"]
+    return seed_summary(long[columns], ["family", "variant"])
 
 
 # ---------------------------------------------------------------- the QR study (notebook 05)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from vitprune.errors import ParamsError
-from vitprune.names import CRITERIA, DATASETS, DECOMPOSE_METHODS, DEFAULT_SITES, GATE_SITES, LAYERS
+from vitprune.names import CRITERIA, DATASETS, DECOMPOSE_METHODS, DEFAULT_SITES, GATE_SITES, LAYERS, SVD_METHODS
 from vitprune.schema import build, option
 
 
@@ -69,10 +69,12 @@ class TrainParams:
     clip_grad: float | None = option(1.0, "gradient-norm clip (None = off)", lo=0.0, lo_open=True, hi=1e6)
     accum_steps: int = option(1, "gradient accumulation steps", lo=1, hi=4096)
     amp: bool = option(True, "bfloat16 autocast on GPU (ignored on CPU)")
-    seed: int = option(0, "global seed", lo=0, hi=2**31 - 1)
+    seed: int = option(0, "seed of a single run (CLI); the pipeline sets it to each of `seeds` in turn",
+                       lo=0, hi=2**31 - 1)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", pattern=r"auto|cpu|cuda(:\d+)?",
                      what="auto, cpu, cuda or cuda:N")
-    threads: int | None = option(None, "torch CPU threads (None = torch default)", lo=1, hi=1024)
+    threads: int | None = option(None, "torch CPU threads per process (None = torch default); fixed, so "
+                                 "results do not depend on how many processes run beside it", lo=1, hi=1024)
     max_steps: int | None = option(None, "stop each epoch after this many steps (smoke runs)", lo=1, hi=10**9)
     progress: bool = option(True, "tqdm progress bars")
 
@@ -96,6 +98,8 @@ class PruneParams:
     head_mode: Literal["topk", "whole"] = option("topk", "equal dims per head, or whole heads")
     min_keep: int = option(1, "dims every (block, site) keeps at least", lo=1, hi=1_000_000)
     round_to: int = option(1, "kept counts rounded to a multiple of this", lo=1, hi=4096)
+    max_drop: float = option(0.5, "top-1 points pruning at decompose.source_ratio may cost after fine-tuning "
+                             "(a checked finding)", lo=0.0, hi=100.0)
 
 
 @dataclass
@@ -108,8 +112,24 @@ class DecomposeParams:
 
 
 @dataclass
+class BudgetParams:
+    prune_ratios: list = option([0.5, 0.6, 0.7], "pruning alone at these ratios; their parameter counts are the "
+                                "budgets every strategy is held to", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+                                item=float)
+    finetune_ratio: float = option(0.6, "the budget point whose models are fine-tuned (one of prune_ratios)",
+                                   lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    method: Literal[SVD_METHODS] = option("svd_activation", "the factorization given sensitivity-allocated ranks")
+    share: float = option(0.5, "every method is compared at this fraction of the pruned model's parameters",
+                          lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    rank_ratios: list = option([0.125, 0.25, 0.375, 0.5, 0.75], "candidate ranks (rank / min(in, out)) whose "
+                               "calibration loss the allocator weighs", lo=0.0, hi=1.0, lo_open=True, item=float)
+
+
+@dataclass
 class FinetuneParams:
     epochs: int = option(15, "fine-tuning epochs", lo=0, hi=100_000)
+    methods: list = option(list(DECOMPOSE_METHODS), "decompositions whose models (at decompose.finetune_ratio) are "
+                           "fine-tuned", choices=DECOMPOSE_METHODS, item=str)
     lr: float = option(5e-4, "peak learning rate", lo=0.0, lo_open=True, hi=10.0)
     warmup_epochs: float = option(1.0, "linear warm-up length", lo=0.0, hi=100_000)
     distill: float = option(0.0, "weight of KL distillation from the dense model (0 = off)", lo=0.0, hi=1.0)
@@ -134,8 +154,13 @@ class Params:
     sparse: SparseParams = field(default_factory=SparseParams)
     prune: PruneParams = field(default_factory=PruneParams)
     decompose: DecomposeParams = field(default_factory=DecomposeParams)
+    budget: BudgetParams = field(default_factory=BudgetParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     bench: BenchParams = field(default_factory=BenchParams)
+    seeds: list = option([0], "seeds: the pipeline runs its whole chain once per seed, nothing random shared",
+                         lo=0, hi=2**31 - 1, item=int)
+    workers: int | None = option(None, "processes running seeds/variants side by side (None = CPU cores / "
+                                 "train.threads; 1 on GPU)", lo=1, hi=1024)
     source: str | None = field(default=None, metadata={"doc": "file this set was read from"})
 
     def to_dict(self) -> dict:
@@ -257,6 +282,10 @@ def _check_consistency(p: Params) -> None:
     if not any(math.isclose(d.finetune_ratio, r) for r in d.rank_ratios):
         raise ParamsError(f"decompose.finetune_ratio ({d.finetune_ratio}) must be one of decompose.rank_ratios "
                           f"{d.rank_ratios}: the fine-tuned models are taken from that sweep")
+    b = p.budget
+    if not any(math.isclose(b.finetune_ratio, r) for r in b.prune_ratios):
+        raise ParamsError(f"budget.finetune_ratio ({b.finetune_ratio}) must be one of budget.prune_ratios "
+                          f"{b.prune_ratios}: that budget point is fine-tuned")
     pruned = [*p.prune.ratios, p.prune.ablation_ratio]
     if not any(math.isclose(d.source_ratio, r) for r in pruned):
         raise ParamsError(f"decompose.source_ratio ({d.source_ratio}) must be one of prune.ratios {p.prune.ratios} "

@@ -63,7 +63,8 @@ def smoke_overrides(params_file: str | Path) -> dict[str, Any]:
             "train.epochs": 1, "train.max_steps": 1, "train.progress": False, "sparse.epochs": 1,
             "finetune.epochs": 1, "prune.ratios": p.prune.ratios[:1], "decompose.rank_ratios": [0.25],
             "decompose.finetune_ratio": 0.25, "decompose.layers": ["proj"],  # every method, one projection kind
-            "bench.batch_sizes": [1], "bench.repeats": 1, "bench.warmup": 0, "name": f"{p.name}_smoke"}
+            "bench.batch_sizes": [1], "bench.repeats": 1, "bench.warmup": 0, "name": f"{p.name}_smoke",
+            "seeds": p.seeds[:2]}  # two chains at most: the per-seed plumbing and the findings, in seconds
 
 
 def _kernel_name() -> str:
@@ -295,7 +296,10 @@ def update_readme(readme: Path, fig_dir: Path, run_dir: Path) -> bool:
     record = _record(run_dir, STAGES[-1])
     if not readme.is_file() or record is None or fig_dir.is_absolute():
         return False
-    text = replace_block(readme.read_text(), f"results:{run_dir.name}", results_block(fig_dir, record["summary"]))
+    timing_path = run_dir / "pipeline_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
+    text = replace_block(readme.read_text(), f"results:{run_dir.name}",
+                         results_block(fig_dir, record["summary"], timing))
     if text is None:
         return False
     write_text(readme, text)

@@ -54,10 +54,11 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows]) + "\n"
 
 
-def save_table(df: pd.DataFrame, stem: Path) -> list[Path]:
-    """Write `stem`.md, .csv and .tex atomically."""
+def save_table(df: pd.DataFrame, stem: Path, per_seed: pd.DataFrame | None = None) -> list[Path]:
+    """Write `stem`.md and .tex of `df`, and `stem`.csv of `per_seed` (one row per seed) or else of `df`, atomically."""
+    csv = df if per_seed is None else per_seed
     writers = {".md": lambda tmp: Path(tmp).write_text(markdown_table(df)),
-               ".csv": lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"),
+               ".csv": lambda tmp: csv.to_csv(tmp, index=False, float_format="%.6g"),
                ".tex": lambda tmp: Path(tmp).write_text(df.to_latex(index=False, float_format="%.4g", escape=True))}
     paths = []
     for ext, write in writers.items():
@@ -74,18 +75,20 @@ def reproducible_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- plots
 
-def plot_training_curves(histories: dict[str, list[dict]]) -> plt.Figure:
-    """Test top-1 and training loss per epoch for each named run."""
+def plot_training_curves(histories: dict[str, list[list[dict]]]) -> plt.Figure:
+    """Test top-1 and training loss per epoch for each named run: the mean over seeds, the band ±1 std."""
+    rows = [{"run": label, "seed": i, "epoch": r["epoch"], "test_top1": r.get("test_top1", np.nan),
+             "train_loss": r["train_loss"]}
+            for label, runs in histories.items() for i, hist in enumerate(runs) for r in hist]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, hist in histories.items():
-        if not hist:
-            continue
-        ep = [r["epoch"] for r in hist]
-        ax1.plot(ep, [r["test_top1"] for r in hist], label=label)
-        ax2.plot(ep, [r["train_loss"] for r in hist], label=label)
-    ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title="Accuracy")
+    if rows:
+        df = pd.DataFrame(rows)
+        sns.lineplot(data=df, x="epoch", y="test_top1", hue="run", errorbar="sd", ax=ax1)
+        sns.lineplot(data=df, x="epoch", y="train_loss", hue="run", errorbar="sd", ax=ax2, legend=False)
+        ax1.legend(fontsize=8)
+    n = max((len(runs) for runs in histories.values()), default=0)
+    ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"Accuracy (mean ± std, {n} seeds)")
     ax2.set(xlabel="epoch", ylabel="training loss", title="Loss (incl. L1 term when sparse)")
-    ax1.legend(fontsize=8)
     return fig
 
 
@@ -162,14 +165,38 @@ def plot_spectra(spectra: dict[str, np.ndarray]) -> plt.Figure:
 
 def plot_lines(df: pd.DataFrame, x: str, y: str, hue: str, title: str, logx: bool = False,
                logy: bool = False) -> plt.Figure:
-    """One line per `hue` value."""
+    """One line per `hue` value; where `df` holds several seeds per point, the mean with a ±1 std band."""
     fig, ax = plt.subplots()
-    sns.lineplot(data=df, x=x, y=y, hue=hue, style=hue, markers=True, dashes=False, ax=ax)
+    sns.lineplot(data=df, x=x, y=y, hue=hue, style=hue, markers=True, dashes=False, errorbar="sd", ax=ax)
     if logx:
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
     ax.set_title(title)
+    return fig
+
+
+def plot_mean_curves(df: pd.DataFrame, x: str, y: str, hue: str, group: str, title: str) -> plt.Figure:
+    """One curve per `hue`: per `group` the mean of x and y over seeds, ±1 std of y as error bars."""
+    summary = df.groupby([hue, group], sort=False).agg(x=(x, "mean"), y=(y, "mean"), y_std=(y, "std")).reset_index()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in summary.groupby(hue, sort=False):
+        curve = curve.sort_values("x")
+        ax.errorbar(curve["x"], curve["y"], yerr=curve["y_std"].fillna(0.0), marker="o", capsize=3, label=name)
+    ax.set(xlabel=x, ylabel=y, title=title)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str, title: str) -> plt.Figure:
+    """Grouped bars of the mean over seeds with ±1 std error bars, and each seed as a dot."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.barplot(data=df, x=x, y=y, hue=hue, errorbar="sd", capsize=0.1, ax=ax)
+    sns.stripplot(data=df, x=x, y=y, hue=hue, dodge=True, color="black", size=3, legend=False, ax=ax)
+    low = df[y].min()
+    ax.set_ylim(max(0.0, low - 2 * (df[y].max() - low + 0.5)), None)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
     return fig
 
 
@@ -186,15 +213,19 @@ def pareto_front(cost: Sequence[float], accuracy: Sequence[float]) -> list[int]:
 
 def plot_accuracy_vs_cost(df: pd.DataFrame, cost: str, acc: str = "top1_ft", label: str = "variant",
                           family: str = "family") -> plt.Figure:
-    """Accuracy against a cost column for every variant, with the Pareto front."""
+    """Mean accuracy against a cost column for every variant, ±1 std over seeds as error bars (where `df` has
+    `<acc>_std`), with the Pareto front of the means."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.scatterplot(data=df, x=cost, y=acc, hue=family, style=family, s=70, ax=ax)
+    palette = dict(zip(df[family].unique(), sns.color_palette()))
+    for name, group in df.groupby(family, sort=False):
+        ax.errorbar(group[cost], group[acc], yerr=group.get(f"{acc}_std"), fmt="o", ms=6, capsize=3,
+                    color=palette[name], label=name)
     front = pareto_front(df[cost].tolist(), df[acc].tolist())
     pts = df.iloc[front]
     ax.plot(pts[cost], pts[acc], "k--", lw=1, label="Pareto front")
     for _, row in pts.iterrows():
         ax.annotate(str(row[label]), (row[cost], row[acc]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel=cost, ylabel=acc, title=f"Accuracy vs {cost}")
+    ax.set(xlabel=cost, ylabel=acc, title=f"Accuracy vs {cost} (mean ± std over seeds)")
     ax.legend(fontsize=7, loc="lower right")
     return fig
 
@@ -202,14 +233,18 @@ def plot_accuracy_vs_cost(df: pd.DataFrame, cost: str, acc: str = "top1_ft", lab
 # ---------------------------------------------------------------- REPORT.md
 
 def report_markdown(name: str, sections: list[dict[str, Any]], tables: dict[str, str], params_yaml: str,
-                    environment: dict[str, Any]) -> str:
-    """REPORT.md of a parameter set: per stage its summary, figures (with captions) and tables; then the
-    parameter set, the environment and the timings. `sections` are stage records; `tables` maps a table
-    name to its Markdown."""
+                    environment: dict[str, Any], findings: str = "", split: str = "") -> str:
+    """REPORT.md of a parameter set: the checked findings; per stage its summary, figures (with captions) and
+    tables; then the parameter set, the environment and the timings. `sections` are stage records; `tables`
+    maps a table name to its Markdown."""
     lines = [f"# Report: `{name}`", "",
              f"Regenerated by `vitprune reproduce params/{name}.yaml`. Each figure and table below is written by "
              "the notebook named in its section (`MANIFEST.json`); the executed notebooks are in "
              f"`runs/{name}/notebooks/` and rendered as HTML in `runs/{name}/report/index.html`.", ""]
+    if split:
+        lines += [split, ""]
+    if findings:
+        lines += ["## Findings", "", findings.strip(), "", "([JSON](findings.json))", ""]
     for record in sections:
         lines += [f"## {record['stage'][:2]} · {record['stage'][3:].replace('_', ' ')}", ""]
         if record.get("summary"):
@@ -244,15 +279,26 @@ def replace_block(text: str, key: str, content: str) -> str | None:
     return f"{head}{start}\n{content.strip()}\n{end}{tail}"
 
 
-def results_block(fig_dir: Path, summary: str) -> str:
-    """The README's results for a parameter set: the generated summary, the headline tables and figure."""
+def results_block(fig_dir: Path, summary: str, timing: dict[str, Any] | None = None) -> str:
+    """The README's results for a parameter set: the generated summary, the time each stage took (from the last
+    run that executed them all), the checked findings, the headline tables and figure."""
     parts = [f"*Generated by `vitprune reproduce` from `{fig_dir.as_posix()}/` (see its `REPORT.md`); do not edit "
              "by hand.*", "", summary, ""]
+    if timing:
+        stages = ", ".join(f"{name[:2]} {entry['seconds']:.0f} s" for name, entry in timing["stages"].items()
+                           if "seconds" in entry)
+        parts += [f"Time of the last full run, from scratch after install: {timing['total_seconds']:.0f} s "
+                  f"({stages}; `pipeline_timing.json` in the run folder).", ""]
+    findings = fig_dir / "findings.md"
+    if findings.is_file():
+        parts += ["**Findings** (`findings.md`, `findings.json`)", "", findings.read_text().strip(), ""]
     figure = fig_dir / "accuracy_vs_macs.png"
     if figure.is_file():
         parts += [f"![accuracy vs MACs]({figure.as_posix()})", ""]
-    for name, title in (("table_vtp", "Table VTP"), ("table_ablation_scores", "Ablation"), ("table_sun", "Table Sun")):
+    for name, title in (("table_vtp", "Table VTP"), ("table_ablation_scores", "Ablation"), ("table_sun", "Table Sun"),
+                        ("table_equal_budget_finetuned", "Equal parameters")):
         table = fig_dir / f"{name}.md"
         if table.is_file():
-            parts += [f"**{title}** (`{name}.md`)", "", table.read_text().strip(), ""]
+            parts += [f"**{title}** (`{name}.md`, mean ± std over seeds; per-seed values in `{name}.csv`)", "",
+                      table.read_text().strip(), ""]
     return "\n".join(parts)

@@ -10,6 +10,7 @@ refused, so each file has exactly one author.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,8 +35,9 @@ DEPENDS = {
     "04_svd": ("03_pruning",),
     "05_qr": ("03_pruning",),
     "06_lu": ("03_pruning",),
-    "07_finetuning": ("01_sparse_training", "03_pruning", "04_svd", "05_qr", "06_lu"),
-    "08_comparison": STAGES[:7],
+    "07_equal_budget": ("01_sparse_training", "02_scoring", "03_pruning"),
+    "08_finetuning": ("01_sparse_training", "03_pruning", "04_svd", "05_qr", "06_lu", "07_equal_budget"),
+    "09_comparison": STAGES[:8],
 }
 
 
@@ -120,6 +122,47 @@ class Stage:
     def path(self, filename: str) -> Path:
         return self.run_dir / filename
 
+    # ------------------------------------------------------------ seeds
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.p.seeds)
+
+    def seed_dir(self, seed: int) -> Path:
+        """runs/<set>/seed<k>/: every file of one seed's chain."""
+        return self.run_dir / f"seed{seed}"
+
+    def seed_params(self, seed: int, quiet: bool = False) -> Params:
+        """The parameter set with `train.seed` = seed (and no progress bars when it runs beside others)."""
+        train = dataclasses.replace(self.p.train, seed=seed, progress=self.p.train.progress and not quiet)
+        return dataclasses.replace(self.p, train=train)
+
+    def each_seed(self, fn, *args, time_first: bool = False) -> dict[int, Any]:
+        """fn(seed params, seed folder, *args) for every seed: side by side in worker processes, or with
+        `time_first` in this process one after another, passing timed=True to the first seed only (latency is
+        never measured beside other work)."""
+        if time_first:
+            import torch
+
+            if self.p.train.threads:
+                torch.set_num_threads(self.p.train.threads)  # the same thread count as a worker process
+            results = {}
+            for i, seed in enumerate(self.seeds):
+                self.progress(f"seed {seed} ({i + 1}/{len(self.seeds)})")
+                results[seed] = fn(self.seed_params(seed), self.seed_dir(seed), *args, timed=i == 0)
+            return results
+        return dict(zip(self.seeds, self.run_jobs(fn, [(seed, *args) for seed in self.seeds], "seeds")))
+
+    def run_jobs(self, fn, jobs: list[tuple], label: str = "jobs") -> list[Any]:
+        """fn(seed params, seed folder, *rest) for every (seed, *rest) in `jobs`, in worker processes with
+        train.threads torch threads each (see `workers`); results in job order."""
+        from vitprune.workers import default_workers, run_jobs
+
+        workers = default_workers(self.p)
+        args = [(self.seed_params(seed, quiet=workers > 1), self.seed_dir(seed), *rest) for seed, *rest in jobs]
+        return run_jobs(fn, args, workers, self.p.train.threads, label,
+                        on_done=lambda done, total: self.progress(f"{label} {done}/{total} done"))
+
     def require(self, stage: str) -> dict[str, Any]:
         """The record an earlier stage wrote; MissingStageError naming the notebook if it has not run."""
         if stage not in DEPENDS[self.name]:
@@ -132,12 +175,13 @@ class Stage:
                                     f"{self.p.source} --only {int(stage[:2])}")
         return json.loads(path.read_text())
 
-    def model(self, filename: str, stage: str):
-        """Load a model file an earlier stage wrote (clear error naming that stage if absent)."""
+    def model(self, filename: str, stage: str, seed: int | None = None):
+        """Load a model file an earlier stage wrote (of one seed's chain if given; clear error naming that stage
+        if absent)."""
         from vitprune.checkpoint import load_model
 
         self.require(stage)
-        path = self.run_dir / filename
+        path = (self.seed_dir(seed) if seed is not None else self.run_dir) / filename
         if not path.is_file():
             raise MissingStageError(f"{path} is missing; re-run notebook {stage}.ipynb")
         return load_model(path)
@@ -153,19 +197,27 @@ class Stage:
         _display(fig)
         plt.close(fig)
 
-    def save_table(self, df, name: str, caption: str = ""):
-        """Stage `name`.md/.csv/.tex for figures/<set>/; returns the table, so a cell ending with it shows it."""
+    def save_table(self, df, name: str, caption: str = "", per_seed=None):
+        """Stage `name`.md/.tex (and .csv: of `per_seed`, one row per seed, where given) for figures/<set>/;
+        returns the table, so a cell ending with it shows it."""
         from vitprune.reporting import save_table
 
-        save_table(df, self.staging / name)
+        save_table(df, self.staging / name, per_seed)
         self.captions[name] = caption
         return df
+
+    def save_seed_table(self, long, keys: list[str], name: str, caption: str = "", sort_by: str | None = None):
+        """Stage a per-seed frame as a table of one row per `keys` (accuracy as mean ± std, n seeds) in .md/.tex,
+        with every seed's row in the .csv; returns the summary, so a cell ending with it shows it."""
+        from vitprune.experiments import summary_table
+
+        return self.save_table(summary_table(long, keys, sort_by), name, caption, per_seed=long)
 
     def save_text(self, filename: str, text: str) -> None:
         """Stage a text file (REPORT.md, environment.json) for figures/<set>/."""
         write_text(self.staging / filename, text)
 
-    def report(self, records: dict[str, dict[str, Any]]) -> str:
+    def report(self, records: dict[str, dict[str, Any]], findings: str = "") -> str:
         """Stage REPORT.md and environment.json: every stage's summary, figures, tables, the parameters, the
         environment and the timings (this stage's own figures and tables included)."""
         import yaml
@@ -185,10 +237,17 @@ class Stage:
                         break
         env = environment(self.p.source)
         params = yaml.safe_dump({k: v for k, v in self.p.to_dict().items() if k != "source"}, sort_keys=False)
-        text = report_markdown(self.p.name, sections, tables, params, env)
+        text = report_markdown(self.p.name, sections, tables, params, env, findings, self.split_note())
         self.save_text("REPORT.md", text)
         self.save_text("environment.json", json.dumps(env, indent=1) + "\n")
         return text
+
+    def split_note(self) -> str:
+        """Seeds and data split of this parameter set, in one sentence for the report."""
+        b = self.bundle
+        return (f"Seeds {', '.join(map(str, self.seeds))} ({len(self.seeds)} chains, nothing random shared); data "
+                f"{b.name}: {b.num_train():,} training and {b.num_test():,} test images (a fixed split, the same for "
+                "every seed, so models of different seeds answer the same test images).")
 
     def conclude(self, text: str) -> None:
         """Show "What this shows" (generated from this run's numbers) and keep it for the report."""
@@ -206,7 +265,8 @@ class Stage:
     def outputs(self) -> dict[str, str]:
         """Content hashes of the files this stage wrote into runs/<set>/ (read by the pipeline's cache)."""
         own = {f"{stage}.json" for stage in STAGES}
-        return {p.name: file_digest(p) for p in sorted(self.run_dir.iterdir())
+        files = [*self.run_dir.iterdir(), *(p for d in self.run_dir.glob("seed*") if d.is_dir() for p in d.iterdir())]
+        return {p.relative_to(self.run_dir).as_posix(): file_digest(p) for p in sorted(files)
                 if p.is_file() and p.name not in own and p.name not in BOOKKEEPING and not p.name.startswith(".")
                 and p.stat().st_mtime >= self._started - 1}
 
@@ -218,7 +278,7 @@ class Stage:
         staged = sorted(p for p in self.staging.iterdir() if p.is_file())
         for path in staged:
             owner = manifest.get(path.name)
-            if owner not in (None, self.name):
+            if owner in STAGES and owner != self.name:  # an owner no longer in STAGES is a renamed notebook
                 raise FigureOwnerError(f"{self.fig_dir / path.name} is written by notebook {owner}; "
                                        f"{self.name} must not write it too")
         for path in staged:

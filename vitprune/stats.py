@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 HOLDS, REVERSED, UNCLEAR = "holds", "reversed", "not distinguishable at this scale"
 
@@ -24,8 +25,8 @@ def _as_matrix(correct: Any) -> np.ndarray:
 
 
 def paired_bootstrap(correct_a: Any, correct_b: Any, resamples: int = 10_000, level: float = 0.95,
-                     seed: int = 0, margin: float = 0.0) -> dict[str, Any]:
-    """Accuracy difference a − b (points) − margin, over the same images and seeds, with a bootstrap interval.
+                     seed: int = 0) -> dict[str, Any]:
+    """Accuracy difference a − b (points), over the same images and seeds, with a bootstrap interval.
 
     Images are resampled with replacement, the same draw for every seed and for both models (paired).
     """
@@ -36,10 +37,10 @@ def paired_bootstrap(correct_a: Any, correct_b: Any, resamples: int = 10_000, le
     per_image = (a - b).mean(axis=0)  # (images,): each image's difference, averaged over seeds
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, images, size=(resamples, images))
-    boot = 100 * per_image[draws].mean(axis=1) - margin
+    boot = 100 * per_image[draws].mean(axis=1)
     tail = (1 - level) / 2
     low, high = np.quantile(boot, [tail, 1 - tail])
-    return {"difference": float(100 * per_image.mean() - margin), "low": float(low), "high": float(high),
+    return {"difference": float(100 * per_image.mean()), "low": float(low), "high": float(high),
             "level": level, "n_seeds": seeds, "test_images": images}
 
 
@@ -53,9 +54,11 @@ def verdict(low: float, high: float) -> str:
 
 
 def claim(statement: str, correct_a: Any, correct_b: Any, margin: float = 0.0, **kwargs: Any) -> dict[str, Any]:
-    """A checked claim "a beats b (by more than `margin` points)": the statement, effect, interval and verdict."""
-    result = paired_bootstrap(correct_a, correct_b, margin=margin, **kwargs)
-    return {"statement": statement, "verdict": verdict(result["low"], result["high"]), **result}
+    """A checked claim "a beats b by more than `margin` points" (a negative margin: "a costs at most −margin
+    points against b"): the statement, the raw difference a − b with its interval, the margin and the verdict."""
+    result = paired_bootstrap(correct_a, correct_b, **kwargs)
+    return {"statement": statement, "verdict": verdict(result["low"] - margin, result["high"] - margin),
+            "margin": margin, **result}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -74,3 +77,35 @@ def standard_error(top1: float, n: int) -> float:
     """Binomial standard error, in points, of a top-1 accuracy (%) measured on n test images."""
     p = min(max(top1 / 100, 0.0), 1.0)
     return 100 * math.sqrt(p * (1 - p) / max(n, 1))
+
+
+# ---------------------------------------------------------------- per-image answers and per-seed tables
+
+def encode_answers(correct: Sequence[bool]) -> str:
+    """Per-image correctness as a compact '0'/'1' string (stored in the stage records)."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def decode_answers(text: str) -> np.ndarray:
+    """The 0/1 array an `encode_answers` string holds."""
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")
+
+
+def seed_summary(long: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """One row per `keys` group of a per-seed frame: every numeric column's mean, `<col>_std` (0 for one seed)
+    and `n` (seeds); groups keep their first-seen order."""
+    keys = list(keys)
+    numeric = [c for c in long.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(long[c])]
+    grouped = long.groupby(keys, sort=False, dropna=False)
+    means = grouped[numeric].mean()
+    stds = grouped[numeric].std(ddof=1).fillna(0.0).add_suffix("_std")
+    n = grouped.size().rename("n")
+    return pd.concat([means, stds, n], axis=1).reset_index()
+
+
+def spread_columns(summary: pd.DataFrame, columns: Sequence[str], digits: int = 1) -> pd.DataFrame:
+    """`summary` (from `seed_summary`) with each of `columns` shown as 'mean ± std', the _std columns dropped."""
+    out = summary.copy()
+    for col in columns:
+        out[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(out[col], out[f"{col}_std"])]
+    return out.drop(columns=[c for c in out.columns if c.endswith("_std")])

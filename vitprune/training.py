@@ -58,6 +58,7 @@ class TrainConfig:
     gate_lr: float | None = None
     distill: float = 0.0
     distill_temperature: float = 2.0
+    eval_every: int = 1  # test-set evaluation every k epochs (the last always); it never touches the weights
 
     @classmethod
     def from_params(cls, p: Params, stage: Literal["dense", "sparse", "finetune"] = "dense") -> TrainConfig:
@@ -280,11 +281,14 @@ def _optimizer_step(loop: _Loop, step: int) -> None:
 
 def _epoch_record(loop: _Loop, bundle: DataBundle, epoch: int, loss_sum: float, seen: int,
                   seconds: float) -> dict[str, Any]:
-    """The epoch's training loss, test accuracy and gate statistics."""
-    test = evaluate(loop.model, test_batches(bundle, loop.cfg.eval_batch_size, loop.rank, loop.world), loop.device)
-    return {"epoch": epoch + 1, "train_loss": _global_mean(loss_sum, seen, loop.device),
-            "lr": loop.opt.param_groups[0]["lr"], "test_top1": test["top1"], "test_top5": test["top5"],
-            "test_loss": test["loss"], "epoch_time_s": seconds, **gate_statistics(loop.model)}
+    """The epoch's training loss, test accuracy (on evaluated epochs) and gate statistics."""
+    record = {"epoch": epoch + 1, "train_loss": _global_mean(loss_sum, seen, loop.device),
+              "lr": loop.opt.param_groups[0]["lr"], "epoch_time_s": seconds}
+    if (epoch + 1) % loop.cfg.eval_every == 0 or epoch + 1 == loop.cfg.epochs:
+        test = evaluate(loop.model, test_batches(bundle, loop.cfg.eval_batch_size, loop.rank, loop.world),
+                        loop.device)
+        record.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
+    return {**record, **gate_statistics(loop.model)}
 
 
 def _checkpoint(loop: _Loop, epoch: int, history: list[dict[str, Any]], config: dict[str, Any]) -> None:
@@ -315,12 +319,15 @@ def write_history(history: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def fit(p: Params, stage: Literal["dense", "sparse", "finetune"], model: nn.Module, bundle: DataBundle,
-        run_dir: str | Path, name: str, teacher: nn.Module | None = None) -> list[dict[str, Any]]:
-    """Train one pipeline stage and write <name>.safetensors and <name>.history.json beside its checkpoint.
+        run_dir: str | Path, name: str, teacher: nn.Module | None = None, curve: bool = True) -> list[dict[str, Any]]:
+    """Train one pipeline stage and write <name>.safetensors and <name>.history.json beside its checkpoint;
+    with curve=False the test set is evaluated after the last epoch only (the weights are the same).
 
     Raises TrainingDiverged (after writing both, for inspection) when a full run ends no better than chance.
     """
     cfg = TrainConfig.from_params(p, stage)
+    if not curve:
+        cfg = dataclasses.replace(cfg, eval_every=max(1, cfg.epochs))
     history = train(model, bundle, cfg, run_dir, name, teacher=teacher, on_config_change="restart")
     model.vitprune_params = {"name": p.name, "file": p.source, "data": p.data.name}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:

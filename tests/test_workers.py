@@ -1,0 +1,46 @@
+"""Jobs side by side in worker processes: the same numbers as inline, failures raised as they were raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitprune.errors import ParamsError
+from vitprune.params import load_params
+from vitprune.workers import default_workers, run_jobs
+
+
+def train_a_little(seed: int) -> list[float]:
+    """A few SGD steps of a small layer: floats that would show any difference in threads or random state."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(5):
+        loss = layer(torch.randn(32, 64)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return layer.weight.detach().flatten().tolist()
+
+
+def refuse(seed: int) -> None:
+    raise ParamsError(f"seed {seed} refused")
+
+
+def test_pooled_jobs_give_exactly_the_inline_numbers_in_job_order():
+    jobs = [(0,), (1,), (2,)]
+    inline = run_jobs(train_a_little, jobs, workers=1, threads=1)
+    pooled = run_jobs(train_a_little, jobs, workers=2, threads=1)
+    assert pooled == inline and inline[0] != inline[1]
+
+
+def test_a_failing_job_raises_its_own_error():
+    with pytest.raises(ParamsError, match="seed 1 refused"):
+        run_jobs(refuse, [(1,), (2,)], workers=2, threads=1)
+
+
+def test_workers_follow_the_parameter_set_or_the_cores():
+    p = load_params(None, {"train.device": "cpu", "train.threads": 1})
+    assert default_workers(load_params(None, {"workers": 3})) == 3
+    assert 1 <= default_workers(p) <= 1024
+    assert default_workers(load_params(None, {"train.device": "cpu", "train.threads": 1024})) == 1
