@@ -175,8 +175,11 @@ def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(sm
     root, _ = smoke_run
     before = tables(root / "figures" / "smoke")
     findings_before = json.loads((root / "figures" / "smoke" / "findings.json").read_text())
+    timing_file = root / "runs" / "smoke" / "pipeline_timing.json"
+    from_scratch = timing_file.read_text()
     again = run_again(root)
     assert all(s.get("skipped") for s in again["stages"].values())
+    assert timing_file.read_text() == from_scratch  # the README quotes a from-scratch run, never a cached one
     checkpoint = root / "runs" / "smoke" / "seed0" / "dense.ckpt.safetensors"
     written = checkpoint.stat().st_mtime_ns
     forced = run_again(root, force=True)

@@ -192,7 +192,8 @@ def plot_bars(df: pd.DataFrame, x: str, y: str, hue: str, title: str) -> plt.Fig
     """Grouped bars of the mean over seeds with ±1 std error bars, and each seed as a dot."""
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.barplot(data=df, x=x, y=y, hue=hue, errorbar="sd", capsize=0.1, ax=ax)
-    sns.stripplot(data=df, x=x, y=y, hue=hue, dodge=True, color="black", size=3, legend=False, ax=ax)
+    sns.stripplot(data=df, x=x, y=y, hue=hue, dodge=True, palette=dict.fromkeys(df[hue].unique(), "black"), size=3,
+                  legend=False, ax=ax)
     low = df[y].min()
     ax.set_ylim(max(0.0, low - 2 * (df[y].max() - low + 0.5)), None)
     ax.set_title(title)

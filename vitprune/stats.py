@@ -104,8 +104,10 @@ def seed_summary(long: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 
 
 def spread_columns(summary: pd.DataFrame, columns: Sequence[str], digits: int = 1) -> pd.DataFrame:
-    """`summary` (from `seed_summary`) with each of `columns` shown as 'mean ± std', the _std columns dropped."""
+    """`summary` (from `seed_summary`) with each of `columns` shown as 'mean ± std' ('–' where nothing was
+    measured, e.g. a model not fine-tuned), the _std columns dropped."""
     out = summary.copy()
     for col in columns:
-        out[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(out[col], out[f"{col}_std"])]
+        out[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" if pd.notna(m) else "–" for m, s in zip(out[col],
+                                                                                             out[f"{col}_std"])]
     return out.drop(columns=[c for c in out.columns if c.endswith("_std")])
