@@ -40,7 +40,7 @@ def test_pairing_finds_a_small_difference_on_the_same_images():
 
 def test_a_margin_turns_the_claim_into_at_most_x_points():
     a, b = answers(0.9, seed=8), answers(0.89, seed=9)
-    c = claim("a costs at most 2 points against b", b, a, margin=-2.0)  # b - a + 2 > 0
+    c = claim("a costs at most 3 points against b", b, a, margin=-3.0)  # b - a + 3 > 0
     assert c["verdict"] == HOLDS
 
 
@@ -86,3 +86,12 @@ def test_answers_round_trip_and_seed_tables_show_mean_and_spread():
     shown = spread_columns(summary, ["top1"])
     assert shown.top1.tolist() == ["92.0 ± 2.0", "80.0 ± 0.0"] and "top1_std" not in shown
     assert shown.params_M.tolist() == [1.0, pytest.approx(7 / 3)]
+
+
+def test_the_spread_between_seeds_widens_the_interval():
+    steady = answers(0.9, seed=11)
+    b = answers(0.9, seed=12)
+    shaky = steady.copy()
+    shaky[0] = answers(0.6, seeds=1, seed=13)[0]  # one training run went badly: the seeds disagree
+    assert paired_bootstrap(shaky, b)["high"] - paired_bootstrap(shaky, b)["low"] > 3 * (
+        paired_bootstrap(steady, b)["high"] - paired_bootstrap(steady, b)["low"])

@@ -229,19 +229,24 @@ def params_for(model: nn.Module, layers: list[str], pruned: nn.Module, cost: str
 
 def budget_point(p: Params, pruned: nn.Module, source: nn.Module, dense: nn.Module, sensitivity: dict,
                  calibration: list, ratio: float, cost: str, seed_dir: Path) -> list[dict[str, Any]]:
-    """Every strategy held to the parameters (or MACs) of pruning alone at `ratio`; the parameter-matched
-    models at `budget.finetune_ratio` are saved as budget_<strategy>.safetensors for fine-tuning."""
+    """Every strategy held to the parameters (or MACs) of pruning alone at `ratio` (a strategy that cannot get that
+    small by factorizing decompose.layers is left out); the parameter-matched models at `budget.finetune_ratio`
+    are saved as budget_<strategy>.safetensors for fine-tuning."""
     bundle, layers = bundle_of(p), p.decompose.layers
     shape = input_shape(bundle)
-    models = {"prune": pruned,
-              "vtp_svd": decompose_model(source, "svd", layers=layers, rank_ratio=uniform_ratio_for(
-                  source, layers, params_for(source, layers, pruned, cost, shape))),
-              "vtp_alloc": allocated(source, p, calibration, params_for(source, layers, pruned, cost, shape),
-                                     sensitivity["vtp"]),
-              "dense_alloc": allocated(dense, p, calibration, params_for(dense, layers, pruned, cost, shape),
-                                       sensitivity["dense"])}
+    builders = {"prune": lambda: pruned,
+                "vtp_svd": lambda: decompose_model(source, "svd", layers=layers, rank_ratio=uniform_ratio_for(
+                    source, layers, params_for(source, layers, pruned, cost, shape))),
+                "vtp_alloc": lambda: allocated(source, p, calibration, params_for(source, layers, pruned, cost, shape),
+                                               sensitivity["vtp"]),
+                "dense_alloc": lambda: allocated(dense, p, calibration, params_for(dense, layers, pruned, cost, shape),
+                                                 sensitivity["dense"])}
     rows = []
-    for key, model in models.items():
+    for key, build in builders.items():
+        try:
+            model = build()
+        except DecomposeError:
+            continue  # factorizing decompose.layers alone cannot reach this budget: the strategy has no point here
         prefix = "budget" if cost == "params" else "budget_macs"
         row = {"label": f"{prefix}_{key}_{round(100 * ratio)}", "strategy": key, "matched": cost,
                "budget_ratio": ratio, "target_params_M": count_params(pruned) / 1e6,

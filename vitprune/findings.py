@@ -142,8 +142,9 @@ def findings_markdown(findings: list[dict[str, Any]]) -> str:
     counts = {v: sum(f["verdict"] == v for f in findings) for v in (HOLDS, REVERSED)}
     unclear = len(findings) - sum(counts.values())
     lines = [f"{len(findings)} claims checked: {counts[HOLDS]} hold, {counts[REVERSED]} reversed, {unclear} not "
-             "distinguishable at this scale. Each compares two models of the same seed on the same test images "
-             "(paired bootstrap over test images, every seed's pair kept together; 95 % interval).", ""]
+             "distinguishable at this scale. Each compares two models of the same seed on the same test images; "
+             "the 95 % interval is a paired two-stage bootstrap (seeds, then test images, with replacement), so "
+             "it counts the spread between training runs as well as the test set's size.", ""]
     for group in dict.fromkeys(f["group"] for f in findings):
         lines += [f"**{group}**", "", *(finding_line(f) for f in findings if f["group"] == group), ""]
     return "\n".join(lines).rstrip() + "\n"

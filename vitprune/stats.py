@@ -1,9 +1,10 @@
 """Claims with evidence: paired comparisons on the same test images (and seeds), intervals and verdicts.
 
 A claim such as "SVD keeps more accuracy than Householder QR" compares per-image correctness of two
-models evaluated on the same test images, for the same seeds. `paired_bootstrap` resamples test
-images (keeping every seed's pair of answers together), so the interval reflects the test set's
-size; `verdict` turns the interval into holds / reversed / not distinguishable at this scale.
+models evaluated on the same test images, for the same seeds. `paired_bootstrap` resamples seeds and
+test images (keeping every pair of answers together), so the interval reflects both the spread between
+training runs and the test set's size; `verdict` turns the interval into holds / reversed / not
+distinguishable at this scale.
 """
 
 from __future__ import annotations
@@ -26,21 +27,27 @@ def _as_matrix(correct: Any) -> np.ndarray:
 
 def paired_bootstrap(correct_a: Any, correct_b: Any, resamples: int = 10_000, level: float = 0.95,
                      seed: int = 0) -> dict[str, Any]:
-    """Accuracy difference a − b (points), over the same images and seeds, with a bootstrap interval.
+    """Accuracy difference a − b (points), over the same images and seeds, with a two-stage bootstrap interval.
 
-    Images are resampled with replacement, the same draw for every seed and for both models (paired).
+    Each resample draws the seeds with replacement (so the spread between training runs counts, not only the
+    test set's size) and the test images with replacement, one image draw shared by both models and every
+    seed (paired).
     """
     a, b = _as_matrix(correct_a), _as_matrix(correct_b)
     if a.shape != b.shape:
         raise ValueError(f"paired answers must have the same shape, got {a.shape} and {b.shape}")
     seeds, images = a.shape
-    per_image = (a - b).mean(axis=0)  # (images,): each image's difference, averaged over seeds
+    diff = a - b  # (seeds, images)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, images, size=(resamples, images))
-    boot = 100 * per_image[draws].mean(axis=1)
+    boot = np.empty(resamples)
+    for start in range(0, resamples, 1000):
+        n = min(1000, resamples - start)
+        per_seed = diff[:, rng.integers(0, images, size=(n, images))].mean(axis=2).T  # (n, seeds)
+        chosen = rng.integers(0, seeds, size=(n, seeds)) if seeds > 1 else np.zeros((n, 1), dtype=int)
+        boot[start:start + n] = 100 * np.take_along_axis(per_seed, chosen, axis=1).mean(axis=1)
     tail = (1 - level) / 2
     low, high = np.quantile(boot, [tail, 1 - tail])
-    return {"difference": float(100 * per_image.mean()), "low": float(low), "high": float(high),
+    return {"difference": float(100 * diff.mean()), "low": float(low), "high": float(high),
             "level": level, "n_seeds": seeds, "test_images": images}
 
 
