@@ -26,7 +26,7 @@ from vitprune.decompose import decompose_model, decomposition_report, same_up_to
 from vitprune.errors import DecomposeError
 from vitprune.experiments import prune_variant, variant_name
 from vitprune.gates import attach_gates
-from vitprune.metrics import correct_answers, count_macs, count_params, evaluate
+from vitprune.metrics import count_macs, count_params, evaluate
 from vitprune.models import build_model
 from vitprune.names import CALIBRATED_METHODS, CRITERIA
 from vitprune.params import Params
@@ -54,11 +54,10 @@ def input_shape(bundle: DataBundle) -> tuple[int, int, int, int]:
 
 def measured(model: nn.Module, p: Params, bundle: DataBundle, timed: bool = False) -> dict[str, Any]:
     """Test accuracy (with the per-image answers), params and MACs; measured latency when `timed`."""
-    batches = list(test_batches(bundle, p.data.eval_batch_size))
-    acc = evaluate(model, batches)
+    acc = evaluate(model, test_batches(bundle, p.data.eval_batch_size), answers=True)
     record = {"top1": acc["top1"], "top5": acc["top5"], "params_M": count_params(model) / 1e6,
               "macs_M": count_macs(model, input_shape(bundle)) / 1e6,
-              "answers": encode_answers(correct_answers(model, batches).tolist())}
+              "answers": encode_answers(acc["answers"].tolist())}
     if timed:
         b = p.bench
         lat = measure_latency(model, input_shape(bundle), b.batch_sizes, b.repeats, b.warmup, b.threads)

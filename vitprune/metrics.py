@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,17 +16,21 @@ from vitprune.gates import fold_gates, gate_parameters, is_gate
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | None = None) -> dict[str, float]:
-    """Top-1, top-5 (%) and mean cross-entropy over `batches`; summed across ranks under torchrun."""
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | None = None,
+             answers: bool = False) -> dict[str, Any]:
+    """Top-1, top-5 (%) and mean cross-entropy over `batches`; summed across ranks under torchrun. With
+    answers=True also "answers": per image of this rank, whether the top-1 prediction is right (bool, batch order)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
+    right = []
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals[0] += (top[:, 0] == y).sum()
+        right.append((top[:, 0] == y).cpu())
+        totals[0] += right[-1].sum()
         totals[1] += (top == y[:, None]).any(1).sum()
         totals[2] += F.cross_entropy(logits, y, reduction="sum")
         totals[3] += len(y)
@@ -33,19 +38,16 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | N
         dist.all_reduce(totals)
     model.train(was_training)
     n = max(float(totals[3]), 1.0)
-    return {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n,
-            "loss": float(totals[2]) / n, "samples": int(totals[3])}
+    result = {"top1": 100 * float(totals[0]) / n, "top5": 100 * float(totals[1]) / n,
+              "loss": float(totals[2]) / n, "samples": int(totals[3])}
+    if answers:
+        result["answers"] = torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+    return result
 
 
-@torch.no_grad()
 def correct_answers(model: nn.Module, batches: Iterable, device: torch.device | str | None = None) -> torch.Tensor:
     """Per test image, whether the top-1 prediction is right (bool, in batch order): the input of paired claims."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    answers = [model(x.to(device)).argmax(1).cpu() == y for x, y in batches]
-    model.train(was_training)
-    return torch.cat(answers) if answers else torch.zeros(0, dtype=torch.bool)
+    return evaluate(model, batches, device, answers=True)["answers"]
 
 
 def count_params(model: nn.Module, include_gates: bool = False) -> int:
