@@ -18,24 +18,12 @@ from torch import nn
 
 from vitprune import linalg
 from vitprune.checkpoint import save_model
-from vitprune.metrics import count_macs, count_params, evaluate
 from vitprune.names import BUDGET_STRATEGIES, QR_STUDY_METHODS
 from vitprune.pruning import PrunePlan, plan_pruning, prune
 from vitprune.scoring import Scores
-from vitprune.speed import measure_latency
 from vitprune.stats import seed_summary, spread_columns
 
 # ---------------------------------------------------------------- variants (notebooks 03-06)
-
-def profile_model(model: nn.Module, batches: Iterable, input_shape: tuple[int, ...], batch_sizes=(1, 64),
-                  repeats: int = 20, warmup: int = 5, threads: int | None = 2) -> dict[str, float]:
-    """Accuracy, params, MACs and measured latency of a model in one record (the tables' columns)."""
-    acc = evaluate(model, batches)
-    lat = measure_latency(model, input_shape, batch_sizes, repeats, warmup, threads)
-    return {"top1": acc["top1"], "top5": acc["top5"], "params_M": count_params(model) / 1e6,
-            "macs_M": count_macs(model, (1, *input_shape[1:])) / 1e6,
-            **{f"latency_bs{bs}_ms": ms for bs, ms in lat.items()}}
-
 
 def variant_name(criterion: str, ratio: float) -> str:
     """File stem of a pruned variant: pruned_<criterion>_<percent>."""

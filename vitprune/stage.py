@@ -98,14 +98,6 @@ class Stage:
 
         return calibration_batches(self.bundle, self.p.data.calib_batches, self.p.data.batch_size, self.p.train.seed)
 
-    def profile(self, model) -> dict[str, float]:
-        """Test accuracy, params, MACs and measured latency (bench settings of the parameter set)."""
-        from vitprune.experiments import profile_model
-
-        b = self.p.bench
-        return profile_model(model, self.test_batches(), self.input_shape, b.batch_sizes, b.repeats, b.warmup,
-                             b.threads)
-
     def speedup(self, reference, model) -> dict[str, Any]:
         """Latency speed-up of `model` over `reference` at the largest bench batch, timed interleaved."""
         import torch
