@@ -64,6 +64,9 @@ def box(tmp_path_factory) -> Path:
     (d / "a_file").write_text("I am a file")
     (d / "folder").mkdir()
     (d / "folder.yaml").mkdir()
+    for name, text in {"figs_badjson": "{oops", "figs_dict": "{}"}.items():
+        (d / name).mkdir()
+        (d / name / "findings.json").write_text(text)
     return d
 
 
@@ -212,6 +215,11 @@ CASES = [
     (["reproduce", str(SMOKE), "--seeds", "-1"], 2, ["--seeds", "non-negative"]),
     (["reproduce", str(SMOKE), "--seeds", "1,1"], 2, ["seeds[1]", "listed twice"]),
     (["reproduce", str(SMOKE), "--set", "train.lr=nan"], 2, ["train.lr", "finite"]),
+    # comparing a re-run's figures with the committed ones
+    (["compare", "nowhere", "folder"], 2, ["nowhere is not a folder", "figures/<set>"]),
+    (["compare", "folder", "folder"], 2, ["folder/findings.json does not exist", "vitprune reproduce"]),
+    (["compare", "figs_badjson", "folder"], 2, ["figs_badjson/findings.json is not JSON"]),
+    (["compare", "figs_dict", "folder"], 2, ["figs_dict/findings.json is not a list of claims"]),
     (["reproduce", str(SMOKE), "--set", "name=../x"], 2, ["name", "'../x'"]),
     (["reproduce", str(SMOKE), "--only", "3", "--from", "2"], 2, ["--only", "--from"]),
 ]

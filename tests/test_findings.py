@@ -71,3 +71,73 @@ def test_answers_are_gathered_from_every_stage_record_by_model_and_seed():
     assert got["dense"] == {0: a} and got["sparse"] == {0: b} and got["pruned_gates_40"] == {0: a}
     assert got["decomp_svd"] == {0: a} and got["decomp_svd@0.3"] == {0: a} and got["decomp_svd@0.5"] == {0: b}
     assert got["decomp_svd_ft"] == {0: b}
+
+
+def _figures(folder, findings: list[tuple[str, str, float, float, float]], table: dict[str, list]) -> None:
+    """A figures/<set> folder with findings (statement, verdict, difference, low, high) and one per-seed table."""
+    import json
+
+    import pandas as pd
+
+    folder.mkdir()
+    (folder / "findings.json").write_text(json.dumps([{"statement": s, "verdict": v, "difference": d, "low": lo,
+                                                       "high": hi} for s, v, d, lo, hi in findings]))
+    pd.DataFrame(table).to_csv(folder / "table_sun.csv", index=False)
+
+
+def test_a_rerun_is_compared_claim_by_claim_and_mean_by_mean(tmp_path):
+    from vitprune.findings import compare_runs, comparison_markdown
+
+    table = {"seed": [0, 1, 2, 0, 1, 2], "method": ["svd"] * 3 + ["lu"] * 3, "rank_ratio": [0.3] * 6,
+             "latency_bs1_ms": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "top1": [95.0, 95.2, 95.4, 20.0, 25.0, 30.0]}
+    committed = [("svd > lu", HOLDS, 70.0, 60.0, 80.0), ("svd > qr", UNCLEAR, 0.4, -0.2, 1.0),
+                 ("qr > lu", HOLDS, 5.0, 1.0, 9.0), ("dropped", HOLDS, 1.0, 0.5, 1.5)]
+    _figures(tmp_path / "a", committed, table)
+    rerun_table = {**table, "latency_bs1_ms": [9.0] * 6, "top1": [95.1, 95.3, 95.5, 30.0, 31.0, 32.0]}
+    _figures(tmp_path / "b", [("svd > lu", HOLDS, 65.0, 62.0, 68.0), ("svd > qr", HOLDS, 0.6, 0.1, 1.1),
+                              ("qr > lu", REVERSED, -3.0, -5.0, -1.0)], rerun_table)
+    result = compare_runs(tmp_path / "a", tmp_path / "b")
+    by = {c["statement"]: c for c in result["claims"]}
+    assert by["svd > lu"]["same_verdict"] and not by["svd > lu"]["inside"]  # 70 is outside [62, 68]
+    assert not by["svd > qr"]["same_verdict"] and by["svd > qr"]["inside"] and not by["svd > qr"]["reversed"]
+    assert by["qr > lu"]["reversed"] and result["missing_claims"] == ["dropped"]
+    means = {m["row"][0]: m for m in result["means"]}
+    assert means["svd"]["inside"] and means["svd"]["n_seeds"] == 3  # 95.2 inside 95.3 ± 0.25
+    assert not means["lu"]["inside"] and abs(means["lu"]["half_width"] - 4.303 * 1 / 3 ** 0.5) < 1e-3
+    assert result["identical_tables"] == []
+    text = comparison_markdown(result)
+    assert "verdicts: 1/3 the same, 1 reversed, 1 committed claims missing" in text
+    assert "moved: qr > lu: holds → reversed" in text and "outside: table_sun ('lu', 0.3) top1" in text
+    # the same folder against itself: identical tables (latency aside), every verdict and mean confirmed
+    (tmp_path / "c").mkdir()
+    for f in (tmp_path / "a").iterdir():
+        (tmp_path / "c" / f.name).write_text(f.read_text().replace("4.0,", "8.0,"))
+    same = compare_runs(tmp_path / "a", tmp_path / "c")
+    assert same["identical_tables"] == ["table_sun"] and all(c["same_verdict"] and c["inside"] for c in same["claims"])
+    assert all(m["inside"] for m in same["means"])
+
+
+def test_the_generated_summary_quotes_the_verdicts_of_the_rankings_it_shows():
+    import pandas as pd
+
+    from vitprune import narrative
+
+    vtp = pd.DataFrame({"seed": [0, 1, 0, 1], "variant": ["dense", "dense", "pruned_gates_40", "pruned_gates_40"],
+                        "macs_reduction_%": [0.0, 0.0, 43.0, 43.0], "top1_ft": [97.0, 97.2, 96.9, 97.1],
+                        "top1_drop_ft": [0.0, 0.0, 0.1, 0.1]})
+    ablation = pd.DataFrame({"seed": [0, 1, 0, 1], "criterion": ["gates", "gates", "random", "random"],
+                             "top1_ft": [97.0, 97.0, 94.0, 95.0]})
+    sun = pd.DataFrame({"seed": [0, 1, 0, 1, 0], "method": ["svd", "svd", "lu", "lu", "svd_fisher"],
+                        "top1_ft": [96.0, 96.2, 93.0, 94.0, float("nan")]})
+    found = [{"group": "VTP ablation", "statement": "gates > random, after fine-tuning", "verdict": HOLDS,
+              "a": "pruned_gates_40_ft", "b": "pruned_random_40_ft"},
+             {"group": "Sun", "statement": "svd > lu, before fine-tuning", "verdict": HOLDS, "a": "decomp_svd",
+              "b": "decomp_lu"},
+             {"group": "Sun", "statement": "svd > lu, after fine-tuning", "verdict": UNCLEAR, "a": "decomp_svd_ft",
+              "b": "decomp_lu_ft"}]
+    text = narrative.comparison(vtp, ablation, sun, found)
+    assert "Ablation after fine-tuning (mean top-1): gates 97.0 %, random 94.5 %" in text
+    assert "the gates against each other criterion: holds against random_40" in text
+    assert "Table Sun after fine-tuning (mean top-1): svd 96.1 %, lu 93.5 %; SVD against each QR and LU variant: " \
+           "not distinguishable at this scale against lu." in text
+    assert "svd_fisher" not in text and "Of 3 checked claims: 2 holds, 1 not distinguishable" in text

@@ -163,6 +163,8 @@ def test_report_links_every_figure_and_table_and_records_the_environment(smoke_r
             assert f"**{table.stem}**" in report and table.read_text().splitlines()[0] in report, table.name
     env = json.loads((fig / "environment.json").read_text())
     assert {"cpu", "torch_threads", "torch", "timm", "numpy", "git_commit", "params_sha256"} <= set(env)
+    # the notebook kernels ran on the pinned (AVX2 or narrower) kernels, whatever this CPU offers
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["cpu_capability"] in ("AVX2", "DEFAULT"), env
     assert "## Parameter set" in report and "## Timings" in report and "What this shows" not in report
     assert "## Findings" in report and (fig / "findings.md").read_text().splitlines()[0] in report
     assert "Seeds 0, 1 (2 chains, nothing random shared)" in report and "test images (a fixed split" in report

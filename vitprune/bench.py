@@ -164,7 +164,8 @@ def deit_b_svd_seconds() -> float:
 
 def run(out: Path, params_file: Path = ROOT / "params" / "default.yaml", quick: bool = False) -> dict[str, Any]:
     p = vp.load_params(params_file)
-    results: dict[str, Any] = {"machine": f"{platform.machine()}, {cpu_model()}, 2 torch threads",
+    results: dict[str, Any] = {"machine": f"{platform.machine()}, {cpu_model()}, 2 torch threads, "
+                                          f"{torch.backends.cpu.get_cpu_capability()} kernels",
                                "torch": torch.__version__, "quick": quick}
     with torch_threads(2):
         dense = default_model(p)

@@ -1,4 +1,5 @@
-"""The `vitprune` command: train, sparse-train, prune, finetune, decompose, evaluate, info, export, bench, reproduce."""
+"""The `vitprune` command: train, sparse-train, prune, finetune, decompose, evaluate, info, export, bench, reproduce,
+compare."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vitprune.names import CALIBRATED_METHODS
+from vitprune.provenance import pin_numerics
 
 DEFAULT_PARAMS = "params/default.yaml"
 
@@ -299,6 +301,13 @@ def cmd_reproduce(args) -> None:
               force=args.force, smoke=args.smoke, runs_root=Path(args.runs_root), figures_root=Path(args.figures_root))
 
 
+def cmd_compare(args) -> None:
+    from vitprune.findings import compare_runs, comparison_markdown
+
+    result = compare_runs(Path(args.committed), Path(args.rerun))
+    print(json.dumps(result, indent=1, default=str) if args.json else comparison_markdown(result).rstrip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitprune.names import CRITERIA, DECOMPOSE_METHODS, LAYERS
 
@@ -381,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--figures-root", default="figures")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("compare", help="does a re-run (another clone, machine or seeds) confirm the findings?")
+    p.add_argument("committed", help="figures/<set> folder, e.g. figures/default")
+    p.add_argument("rerun", help="the same set's figures folder from the re-run")
+    p.add_argument("--json", action="store_true", help="every claim and mean as JSON")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -388,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     from vitprune.errors import VitpruneError
 
     args = build_parser().parse_args(argv)
+    if args.command != "bench":  # speed is measured on the machine's own kernels, as a deployment runs them
+        pin_numerics()
     try:
         args.func(args)
     except VitpruneError as err:

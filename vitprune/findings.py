@@ -1,4 +1,5 @@
-"""The claims the companion makes, checked on every run: which models each compares, and the verdicts.
+"""The claims the companion makes, checked on every run: which models each compares, the verdicts, and whether
+a re-run elsewhere confirms them (`compare_runs`, `vitprune compare`).
 
 Each claim compares two models of the same chain (same seed) on the same test images; its answers
 come from the per-image correctness every stage records (`chain.measured`). `check` turns the list
@@ -9,14 +10,21 @@ README quotes that text. A claim that does not hold is reported as such, never d
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
 
+from vitprune.errors import DataError, MissingStageError
 from vitprune.experiments import variant_name
 from vitprune.names import CALIBRATED_METHODS, CRITERIA, DECOMPOSE_METHODS, LU_METHODS, QR_STUDY_METHODS
 from vitprune.params import Params
+from vitprune.reporting import reproducible_columns
 from vitprune.stats import HOLDS, REVERSED, claim, decode_answers
 
 WHEN = {"": "before fine-tuning", "_ft": "after fine-tuning"}
@@ -148,3 +156,110 @@ def findings_markdown(findings: list[dict[str, Any]]) -> str:
     for group in dict.fromkeys(f["group"] for f in findings):
         lines += [f"**{group}**", "", *(finding_line(f) for f in findings if f["group"] == group), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- a re-run against the committed figures
+
+def compare_runs(committed: Path, rerun: Path) -> dict[str, Any]:
+    """Does `rerun` (a figures/<set> folder from another clone or machine) confirm `committed`? Per claim: the two
+    verdicts and whether the committed difference lies inside the re-run's interval; per accuracy mean of every
+    per-seed table: whether the committed mean lies inside the re-run's 95 % t-interval over seeds; and which
+    tables are identical (measured-time columns aside)."""
+    for folder in (committed, rerun):
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder: give two figures/<set> folders (e.g. figures/default and "
+                            "the figures/default of another clone)")
+    old = {f["statement"]: f for f in _read_findings(committed)}
+    new = {f["statement"]: f for f in _read_findings(rerun)}
+    claims = [{"statement": s, "committed": old[s]["verdict"], "rerun": new[s]["verdict"],
+               "difference": old[s]["difference"], "rerun_low": new[s]["low"], "rerun_high": new[s]["high"],
+               "same_verdict": old[s]["verdict"] == new[s]["verdict"],
+               "reversed": {old[s]["verdict"], new[s]["verdict"]} == {HOLDS, REVERSED},
+               "inside": new[s]["low"] <= old[s]["difference"] <= new[s]["high"]} for s in old if s in new]
+    means, identical = [], []
+    for csv in sorted(committed.glob("*.csv")):
+        if not (rerun / csv.name).is_file():
+            continue
+        a, b = reproducible_columns(pd.read_csv(csv)), reproducible_columns(pd.read_csv(rerun / csv.name))
+        if a.equals(b):
+            identical.append(csv.stem)
+        if "seed" in a.columns and "seed" in b.columns:
+            means += _means_inside(csv.stem, a, b)
+    return {"claims": claims, "means": means, "identical_tables": identical,
+            "missing_claims": sorted(set(old) - set(new))}
+
+
+def _read_findings(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "findings.json"
+    if not path.is_file():
+        raise MissingStageError(f"{path} does not exist: compare two figures/<set> folders that notebook 09 wrote "
+                                "(vitprune reproduce params/<set>.yaml)")
+    try:
+        found = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not JSON ({err.msg}, line {err.lineno}); accepted: the findings.json notebook 09 "
+                        "writes") from None
+    fields = {"statement", "verdict", "difference", "low", "high"}
+    if not isinstance(found, list) or not all(isinstance(f, dict) and fields <= set(f) for f in found):
+        raise DataError(f"{path} is not a list of claims (each with {', '.join(sorted(fields))}); accepted: the "
+                        "findings.json notebook 09 writes")
+    return found
+
+
+def _table_keys(df: pd.DataFrame) -> list[str]:
+    """The columns naming a row of a per-seed table: its text/bool columns, and a numeric setting (rank_ratio,
+    budget_ratio) when every seed has the same values of it."""
+    keys = [c for c in df.columns
+            if c != "seed" and (not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))]
+    for col in ("rank_ratio", "budget_ratio"):
+        if col in df.columns and df.groupby("seed")[col].apply(tuple).nunique() == 1:
+            keys.append(col)
+    return keys
+
+
+def _means_inside(table: str, committed: pd.DataFrame, rerun: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each accuracy column's committed mean per row against the re-run's 95 % t-interval over its seeds."""
+    keys = _table_keys(committed)
+    columns = [c for c in committed.columns if c.startswith(("top1", "top5")) and "drop" not in c and c in rerun]
+    if not keys or not columns or not set(keys) <= set(rerun.columns):
+        return []
+    old, new = committed.groupby(keys)[columns], rerun.groupby(keys)[columns]
+    old_mean, new_mean, new_std, n = old.mean(), new.mean(), new.std(ddof=1), new.count()
+    rows = []
+    for key in old_mean.index.intersection(new_mean.index):
+        for col in columns:
+            m, count = old_mean.loc[key, col], n.loc[key, col]
+            if pd.isna(m) or count == 0:
+                continue
+            half = float(scipy_stats.t.ppf(0.975, count - 1) * new_std.loc[key, col] / math.sqrt(count)) \
+                if count > 1 else 0.0
+            row = tuple(k.item() if isinstance(k, np.generic) else k for k in (key if isinstance(key, tuple) else
+                                                                                 (key,)))
+            rows.append({"table": table, "row": row if len(row) > 1 else row[0], "column": col, "committed": float(m),
+                         "rerun": float(new_mean.loc[key, col]), "half_width": half, "n_seeds": int(count),
+                         "inside": bool(abs(m - new_mean.loc[key, col]) <= half + 1e-9)})
+    return rows
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """The comparison in a few lines, then every claim whose verdict moved and every mean outside the interval."""
+    claims, means = result["claims"], result["means"]
+    same = sum(c["same_verdict"] for c in claims)
+    lines = [f"- verdicts: {same}/{len(claims)} the same, {sum(c['reversed'] for c in claims)} reversed"
+             + (f", {len(result['missing_claims'])} committed claims missing from the re-run"
+                if result["missing_claims"] else ""),
+             f"- committed differences inside the re-run's 95 % interval: {sum(c['inside'] for c in claims)}/"
+             f"{len(claims)}",
+             f"- committed accuracy means inside the re-run's 95 % t-interval over seeds: "
+             f"{sum(m['inside'] for m in means)}/{len(means)}",
+             f"- tables identical (measured-time columns aside): {len(result['identical_tables'])}: "
+             f"{', '.join(result['identical_tables']) or 'none'}"]
+    for c in claims:
+        if not c["same_verdict"]:
+            lines.append(f"  - moved: {c['statement']}: {c['committed']} → {c['rerun']} (committed "
+                         f"{c['difference']:+.2f}, re-run interval [{c['rerun_low']:+.2f}, {c['rerun_high']:+.2f}])")
+    for m in means:
+        if not m["inside"]:
+            lines.append(f"  - outside: {m['table']} {m['row']} {m['column']}: committed {m['committed']:.2f}, "
+                         f"re-run {m['rerun']:.2f} ± {m['half_width']:.2f} (n={m['n_seeds']})")
+    return "\n".join(lines) + "\n"

@@ -110,23 +110,37 @@ def finetuning(after: pd.DataFrame) -> str:
 
 
 def comparison(vtp: pd.DataFrame, ablation: pd.DataFrame, sun: pd.DataFrame, findings: list[dict[str, Any]]) -> str:
-    """The headline numbers of the paper tables (means over seeds) and the tally of the checked claims."""
+    """The headline numbers of the paper tables (means over seeds), the verdicts of the rankings they suggest
+    (the ablation and Sun's comparison after fine-tuning) and the tally of the checked claims."""
     means = _means(vtp, "variant")
     pruned = means[means.variant != "dense"]
     vtp_text = "; ".join(f"{r['variant']}: MACs −{r['macs_reduction_%']:.0f} %, top-1 after fine-tuning "
                          f"{_pct(r['top1_ft'])} ({-r['top1_drop_ft']:+.1f} points)" for r in pruned.to_dict("records"))
-    order = " > ".join(f"{c} {_pct(v)}" for c, v in
-                       ablation.groupby("criterion")["top1_ft"].mean().sort_values(ascending=False).items())
-    best = sun.groupby("method")["top1_ft"].mean().sort_values(ascending=False)
+    order = ", ".join(f"{c} {_pct(v)}" for c, v in
+                      ablation.groupby("criterion")["top1_ft"].mean().sort_values(ascending=False).items())
+    sun_order = ", ".join(f"{m} {_pct(v)}" for m, v in
+                          sun.groupby("method")["top1_ft"].mean().dropna().sort_values(ascending=False).items())
     verdicts = pd.Series([f["verdict"] for f in findings], dtype=object).value_counts()
     tally = ", ".join(f"{n} {v}" for v, n in verdicts.items())
     budget = [f for f in findings if f["group"] == "equal parameters" and f["statement"].endswith("after fine-tuning")]
     budget_text = " ".join(f"{f['statement']}: {f['verdict']} ({f['difference']:+.1f} points, 95 % interval "
                            f"[{f['low']:+.1f}, {f['high']:+.1f}])." for f in budget[:2])
-    return (f"Means over {vtp.seed.nunique()} seeds. Table VTP — {vtp_text}. Ablation after fine-tuning: {order}. "
-            f"Table Sun: {best.index[0]} keeps the most accuracy after fine-tuning ({_pct(best.iloc[0])}). "
-            f"{budget_text} Of {len(findings)} checked claims: {tally} (see Findings: a ranking is a finding only "
-            "where its paired interval excludes zero).")
+    return (f"Means over {vtp.seed.nunique()} seeds. Table VTP — {vtp_text}. Ablation after fine-tuning (mean "
+            f"top-1): {order}; the gates against each other criterion: {_verdicts(findings, 'VTP ablation')}. "
+            f"Table Sun after fine-tuning (mean top-1): {sun_order}; SVD against each QR and LU variant: "
+            f"{_verdicts(findings, 'Sun')}. {budget_text} Of {len(findings)} checked claims: {tally} (see Findings: "
+            "a ranking is a finding only where its paired interval excludes zero).")
+
+
+def _verdicts(findings: list[dict[str, Any]], group: str) -> str:
+    """The after-fine-tuning claims of a group, gathered by verdict: 'holds against a, b; not distinguishable
+    at this scale against c' (the other model of each claim named as the run labels it)."""
+    chosen = [f for f in findings if f["group"] == group and f["statement"].endswith("after fine-tuning")]
+    by_verdict: dict[str, list[str]] = {}
+    for f in chosen:
+        other = f["b"].removesuffix("_ft").removeprefix("decomp_").removeprefix("pruned_")
+        by_verdict.setdefault(f["verdict"], []).append(other)
+    return "; ".join(f"{verdict} against {', '.join(names)}" for verdict, names in by_verdict.items()) or "not run"
 
 
 def equal_budget(share: pd.DataFrame, curves: pd.DataFrame, fraction: float) -> str:

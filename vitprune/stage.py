@@ -56,7 +56,10 @@ class Stage:
                  runs_root: str | Path = "runs", figures_root: str | Path = "figures"):
         if name not in STAGES:
             raise ParamsError(f"unknown stage {name!r}; accepted: {', '.join(STAGES)}")
+        from vitprune.provenance import pin_numerics
         from vitprune.reporting import use_style
+
+        pin_numerics()  # before the notebook's first tensor operation; the stage's workers inherit it
 
         self.name = name
         base = project_base(params_file)
