@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from vitprune.provenance import PINNED_NUMERICS, environment, numerics, pin_numerics
 
 # A few training steps of the default architecture (patch-embedding convolution, attention, MLP, AdamW) on
@@ -56,7 +54,6 @@ def test_the_environment_record_names_the_kernels_and_the_pins(tmp_path):
     assert set(PINNED_NUMERICS) <= set(env) and len(env["params_sha256"]) == 64
 
 
-@pytest.mark.slow
 def test_pinned_training_computes_what_an_avx2_only_machine_computes():
     """This machine with the pins against this machine limited to AVX2 the way an AVX2-only CPU is (ATen's dispatch,
     MKL's instruction set, oneDNN's ISA) and MKL left to choose its own code path: the same weights, bit for bit.
