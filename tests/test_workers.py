@@ -23,8 +23,11 @@ def train_a_little(seed: int) -> list[float]:
     return layer.weight.detach().flatten().tolist()
 
 
-def refuse(seed: int) -> None:
-    raise ParamsError(f"seed {seed} refused")
+def refuse(seed: int) -> int:
+    """Odd seeds fail, even ones succeed."""
+    if seed % 2:
+        raise ParamsError(f"seed {seed} refused")
+    return seed
 
 
 def test_pooled_jobs_give_exactly_the_inline_numbers_in_job_order():
@@ -36,7 +39,9 @@ def test_pooled_jobs_give_exactly_the_inline_numbers_in_job_order():
 
 def test_a_failing_job_raises_its_own_error():
     with pytest.raises(ParamsError, match="seed 1 refused"):
-        run_jobs(refuse, [(1,), (2,)], workers=2, threads=1)
+        run_jobs(refuse, [(2,), (1,)], workers=2, threads=1)
+    with pytest.raises(ParamsError, match="seed [13] refused"):  # the first to fail, whichever finishes first
+        run_jobs(refuse, [(1,), (3,)], workers=2, threads=1)
 
 
 def test_workers_follow_the_parameter_set_or_the_cores():

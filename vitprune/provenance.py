@@ -7,8 +7,8 @@ Why the numerics are pinned: PyTorch picks its CPU kernels by instruction set (A
 GEMM, oneDNN's convolution). On a CPU with AVX-512 they take other summation orders than on one with AVX2
 only, the last bits of every result differ, and over 60 epochs the training chains diverge as if they had
 another seed. `pin_numerics` asks all three libraries for their AVX2 code paths (every x86-64 server of the
-last ten years has them), so the same seeds give the same numbers with and without AVX-512 (MKL's
-reproducibility mode holds among Intel CPUs only; on AMD it runs its own AVX2 path). A variable already set
+last ten years has them), so the same seeds give the same numbers with and without AVX-512 (MKL
+promises its AVX2 branch on Intel CPUs only; on AMD it takes its AUTO reproducibility branch). A variable already set
 wins (e.g. ATEN_CPU_CAPABILITY=avx512 for native speed).
 """
 

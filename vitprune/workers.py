@@ -46,8 +46,8 @@ def _start_worker(threads: int | None) -> None:
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, threads: int | None,
              label: str = "jobs", on_done: Callable[[int, int], None] | None = None) -> list[Any]:
     """fn(*job) for every job, in `workers` spawned processes with `threads` torch threads each (inline when one
-    worker or one job; fewer than two rounds of jobs all start at once); results in job order. The first failure
-    is raised as it was raised in the job."""
+    worker or one job; fewer than two rounds of jobs all start at once); results in job order. The first job to
+    fail (in time) has its error raised as it was raised in the job; jobs not started yet are cancelled."""
     if workers <= 1 or len(jobs) <= 1:
         _start_worker(threads)
         results = []
