@@ -64,9 +64,10 @@ def box(tmp_path_factory) -> Path:
     (d / "a_file").write_text("I am a file")
     (d / "folder").mkdir()
     (d / "folder.yaml").mkdir()
-    for name, text in {"figs_badjson": "{oops", "figs_dict": "{}"}.items():
+    for name, text in {"figs_badjson": "{oops", "figs_dict": "{}", "figs_badcsv": "[]"}.items():
         (d / name).mkdir()
         (d / name / "findings.json").write_text(text)
+    (d / "figs_badcsv" / "table_sun.csv").write_bytes(PNG)
     return d
 
 
@@ -220,6 +221,7 @@ CASES = [
     (["compare", "folder", "folder"], 2, ["folder/findings.json does not exist", "vitprune reproduce"]),
     (["compare", "figs_badjson", "folder"], 2, ["figs_badjson/findings.json is not JSON"]),
     (["compare", "figs_dict", "folder"], 2, ["figs_dict/findings.json is not a list of claims"]),
+    (["compare", "figs_badcsv", "figs_badcsv"], 2, ["figs_badcsv/table_sun.csv is not a readable CSV table"]),
     (["reproduce", str(SMOKE), "--set", "name=../x"], 2, ["name", "'../x'"]),
     (["reproduce", str(SMOKE), "--only", "3", "--from", "2"], 2, ["--only", "--from"]),
 ]

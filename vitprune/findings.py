@@ -180,7 +180,7 @@ def compare_runs(committed: Path, rerun: Path) -> dict[str, Any]:
     for csv in sorted(committed.glob("*.csv")):
         if not (rerun / csv.name).is_file():
             continue
-        a, b = reproducible_columns(pd.read_csv(csv)), reproducible_columns(pd.read_csv(rerun / csv.name))
+        a, b = _read_table(csv), _read_table(rerun / csv.name)
         if a.equals(b):
             identical.append(csv.stem)
         if "seed" in a.columns and "seed" in b.columns:
@@ -204,6 +204,15 @@ def _read_findings(folder: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path} is not a list of claims (each with {', '.join(sorted(fields))}); accepted: the "
                         "findings.json notebook 09 writes")
     return found
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table's CSV without its measured-time columns; a clear refusal if it is not a readable CSV."""
+    try:
+        return reproducible_columns(pd.read_csv(path))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a readable CSV table ({type(err).__name__}); accepted: the tables the "
+                        "notebooks write") from None
 
 
 def _table_keys(df: pd.DataFrame) -> list[str]:
