@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+
+import pytest
 
 from vitprune.provenance import PINNED_NUMERICS, environment, numerics, pin_numerics
 
@@ -46,12 +49,30 @@ def test_pin_numerics_sets_what_is_unset_and_keeps_what_the_user_chose():
     assert set(in_force) == set(PINNED_NUMERICS) and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
 
 
-def test_the_environment_record_names_the_kernels_and_the_pins(tmp_path):
+def test_the_environment_record_names_the_kernels_and_the_pins(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # nothing asked: nothing to warn about
     params = tmp_path / "p.yaml"
     params.write_text("name: x\n")
-    env = environment(params)
-    assert env["cpu_capability"] == numerics()["cpu_capability"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        env = environment(params)
+    assert env["cpu_capability"] == numerics()["cpu_capability"] and env["ATEN_CPU_CAPABILITY"] == "unset"
     assert set(PINNED_NUMERICS) <= set(env) and len(env["params_sha256"]) == 64
+
+
+def test_a_pin_that_came_too_late_is_reported(monkeypatch):
+    """This pytest process ran tensor operations long ago: asking for AVX2 now cannot change ATen's kernels."""
+    import torch
+
+    torch.ones(2).sum()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    if torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512"):
+        with pytest.warns(RuntimeWarning, match="ran before vitprune pinned the numerics"):
+            numerics()
+    else:  # a CPU without AVX-512 runs AVX2 (or narrower) kernels anyway
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            numerics()
 
 
 def test_pinned_training_computes_what_an_avx2_only_machine_computes():
