@@ -51,15 +51,14 @@ def test_mean_and_spread():
         paired_bootstrap(np.ones(3), np.ones(4))
 
 
-def test_correct_answers_agree_with_evaluate(smoke_params, digits_bundle):
+def test_per_image_answers_agree_with_top1(smoke_params, digits_bundle):
     import torch
 
     import vitprune as vp
-    from vitprune.metrics import correct_answers
 
     torch.manual_seed(0)
     model = vp.build_model(smoke_params.model, 10, 1, smoke_params.data.image_size)
-    right = correct_answers(model, vp.test_batches(digits_bundle, 100))
+    right = vp.evaluate(model, vp.test_batches(digits_bundle, 100), answers=True)["answers"]
     assert right.shape == (digits_bundle.num_test(),) and right.dtype == torch.bool
     top1 = vp.evaluate(model, vp.test_batches(digits_bundle, 100))["top1"]
     assert int(right.sum()) == round(top1 * digits_bundle.num_test() / 100)

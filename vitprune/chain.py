@@ -24,13 +24,13 @@ from vitprune.checkpoint import load_model, save_model
 from vitprune.data import DataBundle, calibration_batches, load_data, test_batches
 from vitprune.decompose import decompose_model, decomposition_report, same_up_to_signs, saves_params, target_linears
 from vitprune.errors import DecomposeError
-from vitprune.experiments import prune_variant, variant_name
+from vitprune.experiments import plan_with, prune_variant, variant_name
 from vitprune.gates import attach_gates
 from vitprune.metrics import count_macs, count_params, evaluate
 from vitprune.models import build_model
 from vitprune.names import CALIBRATED_METHODS, CRITERIA
 from vitprune.params import Params
-from vitprune.pruning import plan_pruning, prune, pruned_architecture
+from vitprune.pruning import prune, pruned_architecture
 from vitprune.scoring import importance_scores, load_scores, save_scores
 from vitprune.speed import measure_latency, tokens_per_image
 from vitprune.stats import encode_answers
@@ -46,6 +46,11 @@ def bundle_of(p: Params) -> DataBundle:
         _BUNDLES.clear()
         _BUNDLES[key] = load_data(p.data, seed=p.train.seed)
     return _BUNDLES[key]
+
+
+def calibration_of(p: Params) -> list:
+    """This seed's fixed un-augmented training batches (Taylor scores, the data-aware SVDs, refit, allocation)."""
+    return calibration_batches(bundle_of(p), p.data.calib_batches, p.data.batch_size, p.train.seed)
 
 
 def input_shape(bundle: DataBundle) -> tuple[int, int, int, int]:
@@ -85,16 +90,14 @@ def train_seed(p: Params, seed_dir: Path) -> dict[str, Any]:
 
 def score_seed(p: Params, seed_dir: Path) -> dict[str, Any]:
     """Every criterion's scores (saved as scores.safetensors) and the dims each keeps at the ablation ratio."""
-    bundle = bundle_of(p)
     sparse = load_model(Path(seed_dir) / "sparse.safetensors")
-    calibration = calibration_batches(bundle, p.data.calib_batches, p.data.batch_size, p.train.seed)
+    calibration = calibration_of(p)
     scores = {c: importance_scores(sparse, c, batches=calibration, sites=p.sparse.sites, seed=p.train.seed)
               for c in CRITERIA}
     save_scores(scores, Path(seed_dir) / "scores.safetensors")
     kept = []
     for criterion, sc in scores.items():
-        plan = plan_pruning(sparse, sc, p.prune.ablation_ratio, scope=p.prune.scope, min_keep=p.prune.min_keep,
-                            round_to=p.prune.round_to, head_mode=p.prune.head_mode)
+        plan = plan_with(sparse, sc, p.prune.ablation_ratio, p.prune)
         kept += [{"criterion": criterion, "block": block, "site": site, "kept": n, "of": plan.sizes[(block, site)]}
                  for (block, site), n in sorted(plan.kept_counts().items())]
     return {"kept": kept}
@@ -133,7 +136,7 @@ def decompose_seed(p: Params, seed_dir: Path, methods: list[str], speedup=None,
     shows) get latency and `speedup(source, new)`'s speed-up columns."""
     bundle = bundle_of(p)
     source = load_model(Path(seed_dir) / f"{variant_name('gates', p.decompose.source_ratio)}.safetensors")
-    calibration = calibration_batches(bundle, p.data.calib_batches, p.data.batch_size, p.train.seed)
+    calibration = calibration_of(p)
     rows = []
     for method in methods:
         for ratio in p.decompose.rank_ratios:
@@ -190,7 +193,7 @@ def budget_seed(p: Params, seed_dir: Path) -> dict[str, Any]:
     `budget.prune_ratios` (see `budget_point`)."""
     bundle = bundle_of(p)
     seed_dir = Path(seed_dir)
-    calibration = calibration_batches(bundle, p.data.calib_batches, p.data.batch_size, p.train.seed)
+    calibration = calibration_of(p)
     source = load_model(seed_dir / f"{variant_name('gates', p.decompose.source_ratio)}.safetensors")
     share_target = p.budget.share * count_params(source)
     share_ratio = uniform_ratio_for(source, p.decompose.layers, share_target)
@@ -208,8 +211,7 @@ def budget_seed(p: Params, seed_dir: Path) -> dict[str, Any]:
                                            p.decompose.layers) for name, model in (("vtp", source), ("dense", dense))}
     curves = []
     for ratio in p.budget.prune_ratios:
-        pruned = prune(sparse, plan_pruning(sparse, gates, ratio, scope=p.prune.scope, min_keep=p.prune.min_keep,
-                                            round_to=p.prune.round_to, head_mode=p.prune.head_mode))
+        pruned = prune(sparse, plan_with(sparse, gates, ratio, p.prune))
         for cost in ("params", "macs"):
             curves += budget_point(p, pruned, source, dense, sensitivity, calibration, ratio, cost, seed_dir)
     return {"share": at_share, "curves": curves, "share_target_params_M": share_target / 1e6}

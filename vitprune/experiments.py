@@ -30,11 +30,16 @@ def variant_name(criterion: str, ratio: float) -> str:
     return f"pruned_{criterion}_{round(ratio * 100):02d}"
 
 
+def plan_with(model: nn.Module, scores: Scores, ratio: float, options: Any) -> PrunePlan:
+    """The pruning plan at `ratio` under a parameter set's pruning options (`options`: its PruneParams)."""
+    return plan_pruning(model, scores, ratio, scope=options.scope, min_keep=options.min_keep,
+                        round_to=options.round_to, head_mode=options.head_mode)
+
+
 def prune_variant(model: nn.Module, scores: Scores, criterion: str, ratio: float, options: Any,
                   run_dir: str | Path) -> tuple[str, nn.Module, PrunePlan]:
     """Plan with `options` (a PruneParams), prune, and save model and plan as runs/<set>/pruned_<crit>_<NN>.*"""
-    plan = plan_pruning(model, scores, ratio, scope=options.scope, min_keep=options.min_keep,
-                        round_to=options.round_to, head_mode=options.head_mode)
+    plan = plan_with(model, scores, ratio, options)
     plan.meta["criterion"] = criterion
     small = prune(model, plan)
     name = variant_name(criterion, ratio)

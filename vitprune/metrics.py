@@ -45,11 +45,6 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str | N
     return result
 
 
-def correct_answers(model: nn.Module, batches: Iterable, device: torch.device | str | None = None) -> torch.Tensor:
-    """Per test image, whether the top-1 prediction is right (bool, in batch order): the input of paired claims."""
-    return evaluate(model, batches, device, answers=True)["answers"]
-
-
 def count_params(model: nn.Module, include_gates: bool = False) -> int:
     """Number of parameters (VTP gates excluded unless asked: they fold away)."""
     return sum(p.numel() for n, p in model.named_parameters() if include_gates or not is_gate(n))

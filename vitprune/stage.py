@@ -70,7 +70,6 @@ class Stage:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
         clean_stray_temps(self.run_dir)
-        self._bundle = None
         self._started = time.time()
         self.captions: dict[str, str] = {}
         self.summary = ""
@@ -78,44 +77,25 @@ class Stage:
 
     @property
     def bundle(self):
-        """The dataset of this parameter set (loaded once)."""
-        if self._bundle is None:
-            from vitprune.data import load_data
+        """The dataset of this parameter set (loaded once per process, shared with the `chain` functions that run
+        in this kernel)."""
+        from vitprune.chain import bundle_of
 
-            self._bundle = load_data(self.p.data, seed=self.p.train.seed)
-        return self._bundle
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        b = self.bundle
-        return (1, b.in_chans, b.image_size, b.image_size)
-
-    def test_batches(self):
-        from vitprune.data import test_batches
-
-        return test_batches(self.bundle, self.p.data.eval_batch_size)
-
-    def calibration(self) -> list:
-        """Fixed un-augmented training batches (Taylor scores, activation-aware SVD)."""
-        from vitprune.data import calibration_batches
-
-        return calibration_batches(self.bundle, self.p.data.calib_batches, self.p.data.batch_size, self.p.train.seed)
+        return bundle_of(self.p)
 
     def speedup(self, reference, model) -> dict[str, Any]:
         """Latency speed-up of `model` over `reference` at the largest bench batch, timed interleaved."""
         import torch
 
+        from vitprune.chain import input_shape
         from vitprune.speed import interleaved_times, round_plan, torch_runner
 
         b = self.p.bench
-        x = torch.randn((max(b.batch_sizes), *self.input_shape[1:]))
+        x = torch.randn((max(b.batch_sizes), *input_shape(self.bundle)[1:]))
         times = interleaved_times({"ref": torch_runner(reference, x), "new": torch_runner(model, x)},
                                   *round_plan(b.repeats), b.warmup, b.threads)
         speedup = times["ref"]["min_ms"] / times["new"]["min_ms"]
         return {"speedup_vs_source_x": speedup, "faster_than_source": speedup > 1.0}
-
-    def path(self, filename: str) -> Path:
-        return self.run_dir / filename
 
     # ------------------------------------------------------------ seeds
 
