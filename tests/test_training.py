@@ -176,3 +176,40 @@ def test_evaluating_only_after_the_last_epoch_trains_the_same_weights(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(every.state_dict().values(), last.state_dict().values()))
     assert [("test_top1" in r) for r in h_last] == [False, False, True] and all("test_top1" in r for r in h_every)
     assert h_last[-1]["test_top1"] == h_every[-1]["test_top1"]
+
+
+def test_the_final_model_is_the_finished_checkpoint_on_disk_once(tmp_path, monkeypatch):
+    """fit's <name>.safetensors shares the finished checkpoint's bytes (a hard link, else a copy); it loads as the
+    trained model with its parameter record, a second fit resumes at once, and an older checkpoint without
+    the record is not shared but written afresh."""
+    import os
+
+    from vitprune.training import fit
+
+    p = vp.load_params(SMOKE, {"train.epochs": 2})
+    bundle = vp.load_data(p.data)
+    model = smoke_model(p, bundle)
+    history = fit(p, "dense", model, bundle, tmp_path, "dense")
+    final, ckpt = tmp_path / "dense.safetensors", tmp_path / "dense.ckpt.safetensors"
+    assert os.path.samefile(final, ckpt)
+    loaded = vp.load_model(final)
+    assert loaded.vitprune_params["name"] == p.name
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    again = smoke_model(p, bundle)
+    assert fit(p, "dense", again, bundle, tmp_path, "dense") == history  # resumed, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+    def no_links(source, target):
+        raise OSError("this file system has no hard links")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fit(p, "dense", smoke_model(p, bundle), bundle, tmp_path / "copy", "dense")
+    copied = tmp_path / "copy" / "dense.safetensors"
+    assert not os.path.samefile(copied, tmp_path / "copy" / "dense.ckpt.safetensors")
+    assert copied.read_bytes() == (tmp_path / "copy" / "dense.ckpt.safetensors").read_bytes()
+
+    old = smoke_model(p, bundle)  # a checkpoint written before models carried their parameter record
+    train(old, bundle, TrainConfig.from_params(p, "dense"), tmp_path / "old", "dense")
+    fit(p, "dense", smoke_model(p, bundle), bundle, tmp_path / "old", "dense")
+    assert not os.path.samefile(tmp_path / "old" / "dense.safetensors", tmp_path / "old" / "dense.ckpt.safetensors")
+    assert vp.load_model(tmp_path / "old" / "dense.safetensors").vitprune_params["name"] == p.name

@@ -62,6 +62,18 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def share_file(source: Path, path: Path) -> None:
+    """Publish `source`'s content under `path` too (atomically): a hard link where the file system has them,
+    so the bytes take disk space once, else a copy. Rewrites of either name (atomic renames) never touch the other."""
+    def link_or_copy(tmp: str) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(path, link_or_copy)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

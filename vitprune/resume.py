@@ -22,6 +22,8 @@ from vitprune.errors import ModelError
 
 # keys that may change between an interrupted run and its resumption (epochs may not: the schedule depends on it)
 RESUMABLE_CHANGES = {"progress", "threads"}
+# header key of a checkpoint's training state (epoch, history, configuration, optimizer groups: None once finished)
+TRAIN_KEY = "vitprune_train"
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -50,7 +52,7 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     """
     tensors, groups = _optim_tensors(opt) if opt is not None else ({}, None)
     save_model(model, path, extra_tensors=tensors,
-               metadata={"vitprune_train": json.dumps({**info, "param_groups": groups})})
+               metadata={TRAIN_KEY: json.dumps({**info, "param_groups": groups})})
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -70,7 +72,7 @@ def resume_from(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, config
             on_config_change: str, rank: int) -> tuple[int, list[dict[str, Any]]]:
     """(epoch to start at, history so far) from a checkpoint of the same configuration."""
     tensors, meta = read_checkpoint(ckpt)
-    info = json.loads(meta.get("vitprune_train", "{}"))
+    info = json.loads(meta.get(TRAIN_KEY, "{}"))
     changed = _config_changes(info.get("config", {}), config)
     if changed and on_config_change == "error":
         raise ModelError(f"checkpoint '{ckpt}' was made with different settings ({', '.join(changed)}); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -24,14 +25,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from vitprune.checkpoint import clean_stray_temps, save_model, write_json
+from vitprune.checkpoint import PARAMS_KEY, clean_stray_temps, read_metadata, save_model, share_file, write_json
 from vitprune.data import DataBundle, test_batches, train_batches
 from vitprune.errors import ModelError, TrainingDiverged
 from vitprune.gates import gate_statistics, is_gate, l1_penalty
 from vitprune.metrics import evaluate
 from vitprune.params import Params
 from vitprune.progress import report
-from vitprune.resume import resume_from, save_checkpoint, weights_digest
+from vitprune.resume import TRAIN_KEY, resume_from, save_checkpoint, weights_digest
 
 
 @dataclass
@@ -328,14 +329,30 @@ def fit(p: Params, stage: Literal["dense", "sparse", "finetune"], model: nn.Modu
     cfg = TrainConfig.from_params(p, stage)
     if not curve:
         cfg = dataclasses.replace(cfg, eval_every=max(1, cfg.epochs))
-    history = train(model, bundle, cfg, run_dir, name, teacher=teacher, on_config_change="restart")
     model.vitprune_params = {"name": p.name, "file": p.source, "data": p.data.name}
+    history = train(model, bundle, cfg, run_dir, name, teacher=teacher, on_config_change="restart")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        save_model(model, Path(run_dir) / f"{name}.safetensors")
+        _publish_model(model, Path(run_dir), name)
         write_history(history, Path(run_dir) / f"{name}.history.json")
     if history and cfg.max_steps is None and bundle.name != "synthetic":
         check_learned(history[-1], bundle, Path(run_dir) / f"{name}.safetensors")
     return history
+
+
+def _publish_model(model: nn.Module, run_dir: Path, name: str) -> None:
+    """Write <name>.safetensors. A finished checkpoint of this model already is that file (the same weights,
+    spec and parameter record, plus the training record, without optimizer state): then it is shared with
+    <name>.ckpt.safetensors, which stays for resume, so the weights take disk space once, not twice."""
+    ckpt, final = run_dir / f"{name}.ckpt.safetensors", run_dir / f"{name}.safetensors"
+    if ckpt.is_file() and _is_finished_checkpoint_of(read_metadata(ckpt), model):
+        share_file(ckpt, final)
+    else:
+        save_model(model, final)
+
+
+def _is_finished_checkpoint_of(meta: dict[str, str], model: nn.Module) -> bool:
+    record = json.loads(meta.get(TRAIN_KEY, "{}"))
+    return record.get("param_groups", False) is None and meta.get(PARAMS_KEY) == json.dumps(model.vitprune_params)
 
 
 def check_learned(record: dict[str, Any], bundle: DataBundle, path: Path) -> None:
