@@ -160,10 +160,15 @@ def decompose_seed(p: Params, seed_dir: Path, methods: list[str], speedup=None,
 
 # ---------------------------------------------------------------- 07: the equal-budget study
 
+def projection_weights(model: nn.Module, layers: list[str]) -> dict[str, int]:
+    """Weights (in x out) of each projection that `layers` selects for factorizing."""
+    return {n: m.in_features * m.out_features for n, m in target_linears(model, layers).items()}
+
+
 def uniform_ratio_for(model: nn.Module, layers: list[str], target: float) -> float:
     """The largest rank ratio (steps of 1/256) at which uniform factorization leaves at most `target` parameters."""
     linears = target_linears(model, layers)
-    fixed = count_params(model) - sum(m.in_features * m.out_features for m in linears.values())
+    fixed = count_params(model) - sum(projection_weights(model, layers).values())
     for step in range(256, 0, -1):
         ratio = step / 256
         total = fixed
@@ -180,8 +185,7 @@ def allocated(model: nn.Module, p: Params, calibration: list, target: float,
               sensitivity: list[dict[str, Any]]) -> nn.Module:
     """`model` factorized with budget.method at the ranks `allocation.allocate` picks from its per-layer
     `sensitivity`, at most `target` parameters."""
-    linears = target_linears(model, p.decompose.layers)
-    dense = {n: m.in_features * m.out_features for n, m in linears.items()}
+    dense = projection_weights(model, p.decompose.layers)
     ranks = allocate(sensitivity, dense, int(target - (count_params(model) - sum(dense.values()))))
     return decompose_model(model, p.budget.method, ranks=ranks, layers=p.decompose.layers,
                            calibration=calibration if p.budget.method in CALIBRATED_METHODS else None)
@@ -223,7 +227,7 @@ def params_for(model: nn.Module, layers: list[str], pruned: nn.Module, cost: str
     if cost == "params":
         return count_params(pruned)
     tokens = tokens_per_image(model)
-    weights = sum(m.in_features * m.out_features for m in target_linears(model, layers).values())
+    weights = sum(projection_weights(model, layers).values())
     fixed_macs = count_macs(model, shape) - tokens * weights
     return count_params(model) - weights + (count_macs(pruned, shape) - fixed_macs) / tokens
 

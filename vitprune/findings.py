@@ -21,7 +21,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from vitprune.errors import DataError, MissingStageError
-from vitprune.experiments import variant_name
+from vitprune.experiments import ACCURACY_COLUMNS, variant_name
 from vitprune.names import CALIBRATED_METHODS, CRITERIA, DECOMPOSE_METHODS, LU_METHODS, QR_STUDY_METHODS
 from vitprune.params import Params
 from vitprune.reporting import reproducible_columns
@@ -229,7 +229,7 @@ def _table_keys(df: pd.DataFrame) -> list[str]:
 def _means_inside(table: str, committed: pd.DataFrame, rerun: pd.DataFrame) -> list[dict[str, Any]]:
     """Each accuracy column's committed mean per row against the re-run's 95 % t-interval over its seeds."""
     keys = _table_keys(committed)
-    columns = [c for c in committed.columns if c.startswith(("top1", "top5")) and "drop" not in c and c in rerun]
+    columns = [c for c in committed.columns if c.startswith(ACCURACY_COLUMNS) and "drop" not in c and c in rerun]
     if not keys or not columns or not set(keys) <= set(rerun.columns):
         return []
     old, new = committed.groupby(keys)[columns], rerun.groupby(keys)[columns]
