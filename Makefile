@@ -33,7 +33,7 @@ lab: setup
 	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 bench: setup
-	$(BIN)/python -m vitprune.bench --out benchmarks/results.json
+	$(BIN)/python -m vitprune.study.bench --out benchmarks/results.json
 
 lint: setup
 	$(BIN)/ruff check .

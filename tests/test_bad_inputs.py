@@ -198,7 +198,8 @@ CASES = [
     ([*DC, "--rank", "4", "--out", "a_file/x.safetensors"], 2, ["a_file", "is a file"]),
     ([*DC, "--rank", "4", "--layers", "attn"], 2, ["invalid choice", "'attn'"]),
     ([*DC, "--rank", "4", "--rank-ratio", "0.5"], 2, ["not allowed with"]),
-    (["decompose", *S, "small.safetensors", "--method", "bogus", "--rank", "4"], 2, ["invalid choice", "'bogus'"]),
+    (["decompose", *S, "small.safetensors", "--method", "bogus", "--rank", "4"], 2,
+     ["--method", "unknown decomposition method 'bogus'", "qr_mgs"]),
     (["decompose", *S, "wide28.safetensors", "--method", "svd_activation", "--rank", "4"], 2, ["28x28"]),
     (["decompose", *S, "folder", "--method", "svd", "--rank", "4"], 2, ["folder", "is a directory"]),
     # info and reproduce

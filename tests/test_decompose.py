@@ -10,10 +10,12 @@ import vitprune as vp
 from tests.conftest import make_arch
 from vitprune import linalg
 from vitprune.errors import DecomposeError
-from vitprune.experiments import lauchli
 from vitprune.linalg import orthogonality_loss
-from vitprune.names import DECOMPOSE_METHODS as METHODS
-from vitprune.names import QR_METHODS
+from vitprune.registry import DECOMPOSITIONS
+from vitprune.study.stages.decompositions import lauchli
+
+METHODS = DECOMPOSITIONS.names()
+QR_METHODS = ("qr_householder", "qr_cgs", "qr_mgs", "qr_givens")  # the four unpivoted algorithms
 
 SHAPES = [(24, 24), (40, 16), (16, 40)]  # square, tall, wide
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -31,7 +33,7 @@ def gram_of(n, seed=1):
 def calibration_kwargs(shape, seed=1):
     """Statistics the data-aware methods take (the others ignore them): Gram, row Fisher, mean |x|."""
     x = rand((200, shape[1]), seed=seed)
-    return {"gram": x.T @ x, "row_weights": rand((shape[0],), seed=seed + 1).abs(), "col_scale": x.abs().mean(0)}
+    return {"gram": x.T @ x, "row_fisher": rand((shape[0],), seed=seed + 1).abs(), "abs_mean": x.abs().mean(0)}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -105,10 +107,10 @@ def test_data_aware_svds_beat_plain_svd_where_their_data_says_what_matters():
     basis = torch.linalg.qr(rand((32, 32), seed=5)).Q
     x = rand((500, 32), seed=3) * torch.cat([torch.full((6,), 10.0), torch.full((26,), 0.1)]).double() @ basis.T
     x = x * torch.logspace(0, -1, 32, dtype=torch.float64)  # and unequal feature scales (what ASVD sees)
-    stats = {"gram": x.T @ x, "col_scale": x.abs().mean(0)}
+    stats = {"gram": x.T @ x, "abs_mean": x.abs().mean(0)}
 
     def output_error(m):
-        a, b = vp.factorize(w, m, 6, **stats, row_weights=torch.ones(48, dtype=torch.float64))
+        a, b = vp.factorize(w, m, 6, **stats, row_fisher=torch.ones(48, dtype=torch.float64))
         return torch.linalg.matrix_norm(x @ (w - b @ a).T)
 
     assert output_error("svd_activation") < output_error("svd_scaled") < output_error("svd")
@@ -125,7 +127,7 @@ def test_data_aware_svds_beat_plain_svd_where_their_data_says_what_matters():
     assert (fisher[8:] == 0).all() and (fisher[:8] > 0).all()
 
     def loss_rows_error(m):
-        a, b = vp.factorize(w, m, 8, row_weights=fisher)
+        a, b = vp.factorize(w, m, 8, row_fisher=fisher)
         return torch.linalg.matrix_norm((w - b @ a)[:8])
 
     assert loss_rows_error("svd_fisher") < 1e-6 * torch.linalg.matrix_norm(w) < loss_rows_error("svd")
@@ -224,8 +226,8 @@ def test_non_2d_and_nan_weights():
         vp.qr(w, "qr_mgs")
 
 
-@pytest.mark.parametrize("method, key", [("svd_activation", "gram"), ("svd_fisher", "row_weights"),
-                                         ("svd_scaled", "col_scale")])
+@pytest.mark.parametrize("method, key", [("svd_activation", "gram"), ("svd_fisher", "row_fisher"),
+                                         ("svd_scaled", "abs_mean")])
 def test_data_aware_methods_without_calibration(method, key):
     with pytest.raises(DecomposeError, match=f"'{method}' needs calibration data: pass {key}="):
         vp.factorize(rand((8, 8)), method, 2)

@@ -16,10 +16,17 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, SMOKE
-from vitprune.errors import RunLocked, StageFailed
-from vitprune.names import DECOMPOSE_METHODS, STAGES
-from vitprune.pipeline import progress_line, reproduce, stage_hash
-from vitprune.reporting import reproducible_columns
+from vitprune.errors import ParamsError, RunLocked, StageFailed
+from vitprune.params import load_params
+from vitprune.registry import DECOMPOSITIONS
+from vitprune.study.pipeline import progress_line, reproduce, stage_hash
+from vitprune.study.records import read_record
+from vitprune.study.reporting import reproducible_columns
+from vitprune.study.stage import declared_view
+from vitprune.study.stages import STAGES as REGISTERED
+
+STAGES = REGISTERED.names()
+DECOMPOSE_METHODS = DECOMPOSITIONS.names()
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PARAMS = sorted((ROOT / "params").glob("*.yaml"))
@@ -122,9 +129,9 @@ def test_every_seed_runs_its_own_chain_and_a_seed_alone_gives_the_same_numbers(s
         files = {p.name for p in (run_dir / f"seed{seed}").iterdir()}
         assert {"dense.safetensors", "sparse.safetensors", "scores.safetensors", "pruned_gates_40.safetensors",
                 "decomp_svd.safetensors", "decomp_svd_ft.safetensors"} <= files
-    record = json.loads((run_dir / "01_sparse_training.json").read_text())
-    dense = {s: r["dense"] for s, r in record["seeds"].items()}
-    assert set(dense) == {"0", "1"} and dense["0"]["answers"] != dense["1"]["answers"]  # two different models
+    record = read_record(run_dir / "01_sparse_training.json")
+    dense = {s: r.models["dense"] for s, r in record.seeds.items()}
+    assert set(dense) == {0, 1} and dense[0].answers != dense[1].answers  # two different models
     with working_dir(root / "project"):  # seed 1 alone, inline: nothing of seed 0 (or of the pool) leaks into it
         reproduce("params/smoke.yaml", overrides={"seeds": [1]}, runs_root=tmp_path / "runs",
                   figures_root=tmp_path / "figures")
@@ -198,12 +205,10 @@ def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(sm
 def test_library_edits_rerun_the_stages_that_reach_them_and_only_those(smoke_run):
     root, _ = smoke_run
     project, run_dir = root / "project", root / "runs" / "smoke"
-    from vitprune.params import load_params
-
     p = load_params(SMOKE).to_dict()
     with working_dir(project):
         hashes = {s: stage_hash(s, p, run_dir) for s in STAGES}
-        with open(project / "vitprune" / "bench.py", "a") as fh:
+        with open(project / "vitprune" / "study" / "bench.py", "a") as fh:
             fh.write("\n# an edit no notebook reaches\n")
         assert {s: stage_hash(s, p, run_dir) for s in STAGES} == hashes
         assert run_again(root, only=5)["stages"]["05_qr"] == {"skipped": True}
@@ -228,11 +233,82 @@ def test_a_deleted_upstream_model_reruns_the_stage_that_made_it(smoke_run):
     assert model.is_file()
 
 
+def test_a_deleted_or_altered_output_or_figure_reruns_its_stage_even_after_a_cached_run(smoke_run):
+    root, _ = smoke_run
+    run_dir, fig = root / "runs" / "smoke", root / "figures" / "smoke"
+    assert all(s.get("skipped") for s in run_again(root)["stages"].values())  # cached: nothing changed
+    tuned = run_dir / "seed0" / "pruned_gates_40_ft.safetensors"  # a hard link to its finished checkpoint
+    tuned.unlink()
+    again = run_again(root)["stages"]
+    assert "seconds" in again["08_finetuning"] and tuned.is_file()
+    assert all(again[s].get("skipped") for s in STAGES[:7])
+    table = fig / "table_sun_rank_sweep.csv"  # a published table, truncated
+    table.write_text(table.read_text()[:40])
+    again = run_again(root)["stages"]
+    assert "seconds" in again["09_comparison"] and not any("seconds" in again[s] for s in STAGES[:8])
+    assert len(table.read_text().splitlines()) > 2
+
+
+def test_a_parameter_reruns_exactly_the_stages_that_declare_it(smoke_run):
+    root, _ = smoke_run
+    run_dir = root / "runs" / "smoke"
+    with working_dir(root / "project"):
+        before = {s: stage_hash(s, load_params(SMOKE).to_dict(), run_dir) for s in STAGES}
+        for key, value, changed in (("finetune.epochs", 2, {"08_finetuning", "09_comparison"}),
+                                    ("prune.max_drop", 1.0, {"02_scoring", "03_pruning", "07_equal_budget",
+                                                             "09_comparison"}),
+                                    ("bench.repeats", 3, {"03_pruning", "04_svd", "05_qr", "06_lu", "09_comparison"}),
+                                    ("workers", 1, {"09_comparison"})):  # only the report shows it
+            after = load_params(SMOKE, {key: value}).to_dict()
+            assert {s for s in STAGES if stage_hash(s, after, run_dir) != before[s]} == changed, key
+
+
+def test_a_stage_reading_a_parameter_it_did_not_declare_is_stopped():
+    p = declared_view(load_params(SMOKE), "04_svd")
+    assert p.decompose.rank_ratios == [0.5] and p.train.seed == 0  # declared: readable
+    with pytest.raises(ParamsError, match=r"stage 04_svd reads params 'finetune.epochs', which its registration "
+                                          r"line in vitprune/study/stages/__init__.py does not declare"):
+        p.finetune.epochs  # noqa: B018
+
+
+TOY_PLUGIN = '''"""A decomposition registered from outside the package: Cholesky QR (R = chol(WᵀW)ᵀ, Q = W R⁻¹)."""
+import torch
+
+import vitprune as vp
+
+
+@vp.register_decomposition("qr_cholesky", family="QR", label="Cholesky QR", claims=("sun",))
+def qr_cholesky(w, rank, **_):
+    r = torch.linalg.cholesky(w.T @ w + 1e-12 * torch.eye(w.shape[1], dtype=w.dtype)).T
+    q = torch.linalg.solve_triangular(r, w, upper=True, left=False)
+    return r[:rank], q[:, :rank]
+'''
+
+
+def test_a_method_registered_by_a_plugin_goes_through_decompose_finetune_tables_and_claims(tmp_path, monkeypatch):
+    """One registration in a user's own module, one params line naming it: nothing else is edited."""
+    (tmp_path / "toy_plugin.py").write_text(TOY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    overrides = {"plugins": ["toy_plugin"], "decompose.methods": ["svd", "qr_householder", "qr_cholesky"],
+                 "seeds": [0]}
+    reproduce(SMOKE, overrides=overrides, runs_root=tmp_path / "runs", figures_root=tmp_path / "figures")
+    fig = tmp_path / "figures" / "smoke"
+    sun = pd.read_csv(fig / "table_sun.csv").set_index("method")
+    assert {"svd", "qr_householder", "qr_cholesky"} == set(sun.index) and pd.notna(sun.loc["qr_cholesky", "top1_ft"])
+    assert "qr_cholesky" in set(pd.read_csv(fig / "table_sun_rank_sweep.csv").method)
+    claims = {f["id"]: f for f in json.loads((fig / "findings.json").read_text())}
+    for when in ("before", "after"):
+        claim = claims[f"sun:svd_vs_qr_cholesky@0.5:{when}"]
+        assert claim["statement"].startswith("SVD keeps more accuracy than Cholesky QR at rank ratio 0.5")
+        assert claim["b"].endswith("decomp_qr_cholesky")
+
+
 def test_one_run_per_set_a_second_is_refused_naming_the_holder(smoke_run):
     root, _ = smoke_run
     run_dir = root / "runs" / "smoke"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom pathlib import Path\nfrom vitprune.pipeline import run_lock\n"
+        "import sys, time\nfrom pathlib import Path\nfrom vitprune.study.pipeline import run_lock\n"
         f"with run_lock(Path({str(run_dir)!r})):\n    print('held', flush=True)\n    time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 
-from vitprune.provenance import PINNED_NUMERICS, environment, numerics, pin_numerics
+from vitprune.study.provenance import PINNED_NUMERICS, environment, numerics, pin_numerics
 
 # A few training steps of the default architecture (patch-embedding convolution, attention, MLP, AdamW) on
 # fixed random data; prints the ATen kernels in use and a hash of the trained weights.
 TRAIN_STEPS = """
 import hashlib, json, sys
-from vitprune.provenance import pin_numerics
+from vitprune.study.provenance import pin_numerics
 pin_numerics()
 import torch
 from vitprune import build_model, load_params

@@ -11,10 +11,12 @@ from timm.models.vision_transformer import VisionTransformer
 import vitprune as vp
 from tests.conftest import make_arch
 from vitprune.errors import ModelError, PruneError
+from vitprune.gates import DEFAULT_SITES
 from vitprune.layers import PrunableAttention
-from vitprune.names import DEFAULT_SITES, GATE_SITES
 from vitprune.pruning import PrunePlan, check_plan
+from vitprune.registry import SITES
 
+GATE_SITES = SITES.names()
 TOL = 1e-5
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitprune.stats import HOLDS, REVERSED, UNCLEAR, claim, mean_std, paired_bootstrap, with_spread
+from vitprune.study.stats import HOLDS, REVERSED, UNCLEAR, claim, mean_std, paired_bootstrap, with_spread
 
 
 def answers(p: float, images: int = 4000, seeds: int = 3, seed: int = 0) -> np.ndarray:
@@ -38,9 +38,9 @@ def test_pairing_finds_a_small_difference_on_the_same_images():
     assert unpaired["high"] - unpaired["low"] > c["high"] - c["low"]
 
 
-def test_a_margin_turns_the_claim_into_at_most_x_points():
+def test_a_threshold_turns_the_claim_into_at_most_x_points():
     a, b = answers(0.9, seed=8), answers(0.89, seed=9)
-    c = claim("a costs at most 3 points against b", b, a, margin=-3.0)  # b - a + 3 > 0
+    c = claim("a costs at most 3 points against b", b, a, threshold=-3.0)  # b - a + 3 > 0
     assert c["verdict"] == HOLDS
 
 
@@ -65,7 +65,7 @@ def test_per_image_answers_agree_with_top1(smoke_params, digits_bundle):
 
 
 def test_standard_error_of_an_accuracy():
-    from vitprune.stats import standard_error
+    from vitprune.study.stats import standard_error
 
     assert abs(standard_error(97.0, 1000) - 0.5394) < 1e-3 and standard_error(100.0, 10) == 0.0
 
@@ -73,7 +73,7 @@ def test_standard_error_of_an_accuracy():
 def test_answers_round_trip_and_seed_tables_show_mean_and_spread():
     import pandas as pd
 
-    from vitprune.stats import decode_answers, encode_answers, seed_summary, spread_columns
+    from vitprune.study.stats import decode_answers, encode_answers, seed_summary, spread_columns
 
     bits = [True, False, False, True, True]
     assert encode_answers(bits) == "10011" and decode_answers("10011").tolist() == [1, 0, 0, 1, 1]

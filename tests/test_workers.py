@@ -7,7 +7,7 @@ import torch
 
 from vitprune.errors import ParamsError
 from vitprune.params import load_params
-from vitprune.workers import default_workers, run_jobs
+from vitprune.study.workers import default_workers, run_jobs
 
 
 def train_a_little(seed: int) -> list[float]:

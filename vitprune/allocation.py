@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitprune.calibration import calibration_statistics
-from vitprune.decompose import factorize, saves_params, target_linears
+from vitprune.decompose import factorized_layer, rank_for_ratio, replace_layer, saves_params, target_linears
 from vitprune.errors import DecomposeError
-from vitprune.layers import FactorizedLinear
-from vitprune.names import CALIBRATED_METHODS, LAYERS
+from vitprune.names import LAYERS
+from vitprune.registry import DECOMPOSITIONS
 
 
 @torch.no_grad()
@@ -46,24 +46,19 @@ def layer_sensitivity(model: nn.Module, method: str, batches: Iterable, rank_rat
     the calibration loss increase when that layer alone is factorized with `method`."""
     batches = list(batches)
     linears = target_linears(model, layers)
-    stats = calibration_statistics(model, linears, batches, fisher=method == "svd_fisher") \
-        if method in CALIBRATED_METHODS else {}
+    needs = DECOMPOSITIONS[method].needs
+    stats = calibration_statistics(model, linears, batches, fisher="row_fisher" in needs) if needs else {}
     base = calibration_loss(model, batches)
     rows = []
     for name, layer in linears.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         cap = (max_ranks or {}).get(name, min(layer.in_features, layer.out_features))
-        ranks = sorted({min(cap, max(1, round(r * min(layer.in_features, layer.out_features)))) for r in rank_ratios})
+        ranks = sorted({min(cap, rank_for_ratio(r, layer.in_features, layer.out_features)) for r in rank_ratios})
         for rank in ranks:
             if rank < 1 or not saves_params(layer.in_features, layer.out_features, rank):
                 continue
-            seen = stats.get(name, {})
-            a, b = factorize(layer.weight.detach().double(), method, rank, gram=seen.get("gram"),
-                             row_weights=seen.get("row_fisher"), col_scale=seen.get("abs_mean"))
-            setattr(parent, attr, FactorizedLinear.from_factors(a.float(), b.float(), layer.bias))
+            replace_layer(model, name, factorized_layer(layer, method, rank, stats.get(name)))
             loss = calibration_loss(model, batches)
-            setattr(parent, attr, layer)
+            replace_layer(model, name, layer)
             rows.append({"layer": name, "rank": rank, "params": rank * (layer.in_features + layer.out_features),
                          "loss_increase": loss - base})
     return rows

@@ -1,7 +1,7 @@
 """Low-rank factorization of a model's linear projections (Sun 2023 and beyond).
 
 ``factorize(W, method, rank)`` returns ``(A, B)`` with ``W ~= B @ A`` (A: rank x in, B: out x rank)
-from SVD (LAPACK), activation-aware SVD, or one of the QR/LU algorithms in `linalg`;
+by any registered method: the SVD family is registered here, the QR and LU algorithms in `linalg`;
 `decompose_model` replaces a model's projections by `FactorizedLinear` layers at ranks chosen by
 rank, rank ratio, energy or a global parameter budget, where that saves parameters.
 """
@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from vitprune.calibration import calibration_statistics, input_grams
-from vitprune.errors import DecomposeError
+from vitprune.errors import DecomposeError, ParamsError
 from vitprune.layers import FactorizedLinear
-from vitprune.linalg import check_matrix, check_method, check_rank, lu, qr
-from vitprune.names import CALIBRATED_METHODS, DECOMPOSE_METHODS, LAYERS, LU_METHODS
+from vitprune.linalg import check_matrix, check_rank
+from vitprune.names import LAYERS
+from vitprune.registry import DECOMPOSITIONS, register_decomposition
 from vitprune.speed import break_even_rank, tokens_per_image
 
 ASVD_ALPHA = 0.5  # ASVD's exponent on the mean |x| per input feature (Yuan et al. 2023)
@@ -79,41 +80,59 @@ def _positive(weights: torch.Tensor) -> torch.Tensor:
     return weights.clamp_min(1e-6 * float(weights.mean().clamp_min(1e-300)))
 
 
-def factorize(w: torch.Tensor, method: str, rank: int, gram: torch.Tensor | None = None,
-              randomized: bool = False, row_weights: torch.Tensor | None = None,
-              col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` factors (A: rank x in, B: out x rank) with W ~= B @ A.
+@register_decomposition("svd", family="SVD", label="SVD")
+def _svd(w: torch.Tensor, rank: int, randomized: bool = False, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD: optimal in the Frobenius and spectral norms (Eckart–Young)."""
+    return _svd_factors(w, rank, randomized)
 
-    The data-aware SVDs need calibration statistics (`calibration.calibration_statistics`):
-    ``svd_activation`` the inputs' Gram matrix `gram` (truncation minimises the output error
-    ||(W - BA) X||), ``svd_fisher`` the rows' Fisher information `row_weights` (minimises
-    ||diag(sqrt F) (W - BA)||), ``svd_scaled`` the inputs' mean |x| per feature `col_scale`
-    (ASVD: minimises ||(W - BA) diag(|x|^0.5)||).
+
+@register_decomposition("svd_activation", family="SVD", label="activation-aware SVD", needs=("gram",),
+                        claims=("data_aware",), improves_on="svd")
+def _svd_activation(w: torch.Tensor, rank: int, gram: torch.Tensor, randomized: bool = False,
+                    **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened by the inputs' Gram matrix: truncation minimises the output error ||(W - BA) X||."""
+    chol = _whitener(gram)
+    a, b = _svd_factors((w.double() @ chol), rank, randomized)
+    a = torch.linalg.solve_triangular(chol.T, a.T, upper=True, left=True).T  # A L^{-1}
+    return a.to(w.dtype), b.to(w.dtype)
+
+
+@register_decomposition("svd_fisher", family="SVD", label="Fisher-weighted SVD", needs=("row_fisher",),
+                        finetune=False, claims=("data_aware",), improves_on="svd")
+def _svd_fisher(w: torch.Tensor, rank: int, row_fisher: torch.Tensor, randomized: bool = False,
+                **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """FWSVD: rows weighted by their Fisher information, minimises ||diag(sqrt F) (W - BA)||."""
+    return _weighted_svd(w, rank, row_fisher.double().sqrt(), None, randomized)
+
+
+@register_decomposition("svd_scaled", family="SVD", label="ASVD-style scaled SVD", needs=("abs_mean",),
+                        finetune=False, claims=("data_aware",), improves_on="svd")
+def _svd_scaled(w: torch.Tensor, rank: int, abs_mean: torch.Tensor, randomized: bool = False,
+                **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASVD: columns scaled by the inputs' mean |x|^0.5, minimises ||(W - BA) diag(|x|^0.5)||."""
+    return _weighted_svd(w, rank, None, abs_mean.double().abs() ** ASVD_ALPHA, randomized)
+
+
+def factorize(w: torch.Tensor, method: str, rank: int, randomized: bool = False,
+              **stats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors (A: rank x in, B: out x rank) with W ~= B @ A, by a registered method.
+
+    The data-aware methods need calibration statistics (`calibration.calibration_statistics`), given by
+    name: ``svd_activation`` the inputs' Gram matrix ``gram=``, ``svd_fisher`` the rows' Fisher
+    information ``row_fisher=``, ``svd_scaled`` the inputs' mean |x| per feature ``abs_mean=``.
     """
-    check_method(method, DECOMPOSE_METHODS)
+    try:
+        entry = DECOMPOSITIONS[method]
+    except ParamsError as err:
+        raise DecomposeError(str(err)) from None
     check_matrix(w)
     check_rank(rank, w)
-    needs = {"svd_activation": ("gram", gram), "svd_fisher": ("row_weights", row_weights),
-             "svd_scaled": ("col_scale", col_scale)}
-    if method in needs and needs[method][1] is None:
-        raise DecomposeError(f"method '{method}' needs calibration data: pass {needs[method][0]}= (or calibration= "
-                             "to decompose_model)")
-    if method == "svd":
-        return _svd_factors(w, rank, randomized)
-    if method == "svd_fisher":
-        return _weighted_svd(w, rank, row_weights.double().sqrt(), None, randomized)
-    if method == "svd_scaled":
-        return _weighted_svd(w, rank, None, col_scale.double().abs() ** ASVD_ALPHA, randomized)
-    if method == "svd_activation":
-        chol = _whitener(gram)
-        a, b = _svd_factors((w.double() @ chol), rank, randomized)
-        a = torch.linalg.solve_triangular(chol.T, a.T, upper=True, left=True).T  # A L^{-1}
-        return a.to(w.dtype), b.to(w.dtype)
-    if method in LU_METHODS:
-        l_mat, u_mat = lu(w, rank, complete=method == "lu_complete")
-        return u_mat, l_mat
-    q, r = qr(w, method, k=rank)
-    return r, q
+    missing = [need for need in entry.needs if stats.get(need) is None]
+    if missing:
+        raise DecomposeError(f"method '{method}' needs calibration data: pass {', '.join(f'{m}=' for m in missing)} "
+                             "(or calibration= to decompose_model)")
+    given = {name: value for name, value in stats.items() if value is not None}
+    return entry.factorize(w, rank, randomized=randomized, **given)
 
 
 # ---------------------------------------------------------------- layers and models
@@ -121,6 +140,33 @@ def factorize(w: torch.Tensor, method: str, rank: int, gram: torch.Tensor | None
 def saves_params(in_f: int, out_f: int, rank: int) -> bool:
     """A factorized layer replaces the dense one only where it has fewer weights."""
     return rank * (in_f + out_f) < in_f * out_f
+
+
+def rank_for_ratio(ratio: float, in_f: int, out_f: int) -> int:
+    """The rank a rank ratio (rank / min(in, out)) gives a layer: at least 1."""
+    return max(1, round(ratio * min(in_f, out_f)))
+
+
+def factorized_layer(layer: nn.Linear, method: str, rank: int, stats: dict[str, torch.Tensor] | None = None,
+                     randomized: bool = False, refit: bool = False) -> FactorizedLinear:
+    """`layer` as a FactorizedLinear of `rank` by `method` (calibration `stats` where it needs them); with refit,
+    the method's A is kept and B refitted by least squares on the calibration inputs (stats["gram"])."""
+    w = layer.weight.detach()
+    stats = stats or {}
+    a, b = factorize(w.double(), method, rank, randomized=randomized,
+                     **{name: stats.get(name) for name in DECOMPOSITIONS[method].needs})
+    if refit:
+        b = refit_second_factor(w, a, b, stats["gram"])
+    return FactorizedLinear.from_factors(a.to(w.dtype), b.to(w.dtype), layer.bias).to(w.device)
+
+
+def replace_layer(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Put `layer` at the qualified module name `name` of `model` (in place); returns the layer it replaced."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, layer)
+    return old
 
 
 def target_linears(model: nn.Module, layers: Iterable[str] = LAYERS) -> dict[str, nn.Linear]:
@@ -199,7 +245,7 @@ def choose_ranks(linears: dict[str, nn.Linear], rank: int | None = None, rank_ra
     if key == "rank_ratio":
         if not 0 < value <= 1:
             raise DecomposeError(f"rank_ratio must be in (0, 1], got {value!r}")
-        return {n: max(1, round(value * min(s))) for n, s in shapes.items()}
+        return {n: rank_for_ratio(value, *s) for n, s in shapes.items()}
     spectra = {n: torch.linalg.svdvals(m.weight.detach().double()) for n, m in linears.items()}
     if key == "energy":
         if not 0 < value <= 1:
@@ -269,27 +315,21 @@ def decompose_model(model: nn.Module, method: str, rank: int | None = None, rank
     only_if_faster, where two matmuls at that rank measure faster than one on this machine). With
     refit=True (needs calibration), each layer keeps its method's first factor A and refits B by least
     squares on the calibration inputs, B = argmin ||W X - B A X||."""
-    check_method(method, DECOMPOSE_METHODS)
-    if (method in CALIBRATED_METHODS or refit) and calibration is None:
-        what = f"method '{method}'" if method in CALIBRATED_METHODS else "refit=True"
+    try:
+        entry = DECOMPOSITIONS[method]
+    except ParamsError as err:
+        raise DecomposeError(str(err)) from None
+    if (entry.calibrated or refit) and calibration is None:
+        what = f"method '{method}'" if entry.calibrated else "refit=True"
         raise DecomposeError(f"{what} needs calibration data: pass calibration=<batches or loader>")
     new = copy.deepcopy(model)
     linears = target_linears(new, layers)
     decisions = rank_decisions(new, rank, rank_ratio, energy, param_budget, layers, only_if_faster, ranks=ranks)
     chosen = {d["layer"]: d["rank"] for d in decisions if d["factorize"]}
-    stats = calibration_statistics(new, chosen, calibration, fisher=method == "svd_fisher") \
-        if method in CALIBRATED_METHODS or refit else {}
+    stats = calibration_statistics(new, chosen, calibration, fisher="row_fisher" in entry.needs) \
+        if entry.calibrated or refit else {}
     for name, r in chosen.items():
-        layer = linears[name]
-        w = layer.weight.detach()
-        seen = stats.get(name, {})
-        a, b = factorize(w.double(), method, r, gram=seen.get("gram"), randomized=randomized,
-                         row_weights=seen.get("row_fisher"), col_scale=seen.get("abs_mean"))
-        if refit:
-            b = refit_second_factor(w, a, b, seen["gram"])
-        parent_name, _, attr = name.rpartition(".")
-        setattr(new.get_submodule(parent_name), attr,
-                FactorizedLinear.from_factors(a.to(w.dtype), b.to(w.dtype), layer.bias).to(w.device))
+        replace_layer(new, name, factorized_layer(linears[name], method, r, stats.get(name), randomized, refit))
     return new
 
 

@@ -41,6 +41,13 @@ class MissingStageError(VitpruneError, RuntimeError):
     """An earlier stage's output is absent; the message names the notebook to run first."""
 
 
+class UnknownModel(VitpruneError, KeyError):
+    """A stage record asked for a model it does not have; the message names the model and what the stage has."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class TrainingDiverged(VitpruneError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint (if any) is kept."""
 

@@ -17,12 +17,28 @@ import torch
 from torch import nn
 
 from vitprune.errors import ModelError
-from vitprune.layers import PrunableAttention, PrunableMlp, make_prunable, new_gate, site_width, vit_blocks
-from vitprune.names import DEFAULT_SITES, GATE_SITES
+from vitprune.layers import PrunableAttention, PrunableMlp, make_prunable, new_gate, vit_blocks
+from vitprune.registry import SITES, Site
 
-# site -> (module attribute of the block, gate parameter name)
-SITE_SLOT = {"attn_in": ("attn", "gate_in"), "attn_out": ("attn", "gate_out"), "qk": ("attn", "gate_qk"),
-             "mlp_in": ("mlp", "gate_in"), "mlp_hidden": ("mlp", "gate_hidden")}
+# VTP's four sites and the optional `qk` site of the public CIFAR code, declared once (order: how gates are listed)
+for _site in (
+    Site("attn_in", "attention input", "attn", "gate_in", "column j of qkv", lambda a, m: a.qkv.in_features,
+         default=True),
+    Site("attn_out", "attention output (values)", "attn", "gate_out", "row j of v (and its bias), column j of proj",
+         lambda a, m: a.num_heads * a.v_head_dim, head_grouped=True, default=True),
+    Site("qk", "query/key head dims", "attn", "gate_qk", "row j of q and of k (and their biases)",
+         lambda a, m: a.num_heads * a.qk_head_dim, head_grouped=True),
+    Site("mlp_in", "MLP input", "mlp", "gate_in", "column j of fc1", lambda a, m: m.fc1.in_features, default=True),
+    Site("mlp_hidden", "MLP hidden", "mlp", "gate_hidden", "row j of fc1 (and its bias), column j of fc2",
+         lambda a, m: m.fc1.out_features, default=True),
+):
+    SITES.add(_site)
+DEFAULT_SITES = SITES.names(default=True)
+
+
+def site_width(attn: PrunableAttention, mlp: PrunableMlp, site: str) -> int:
+    """How many dims a gate site has in one block (its gate's length)."""
+    return SITES[site].width(attn, mlp)
 
 
 def _check_exact(i: int, attn: PrunableAttention, mlp: PrunableMlp, site: str) -> None:
@@ -39,20 +55,19 @@ def _check_exact(i: int, attn: PrunableAttention, mlp: PrunableMlp, site: str) -
 def attach_gates(model: nn.Module, sites: Iterable[str] = DEFAULT_SITES) -> nn.Module:
     """Add ones-initialised gates at `sites` in every block (in place); timm's own weight keys are unchanged."""
     sites = tuple(sites)
-    unknown = [s for s in sites if s not in GATE_SITES]
+    unknown = [s for s in sites if s not in SITES]
     if unknown or not sites:
-        raise ModelError(f"unknown gate sites {unknown or sites}; accepted: {', '.join(GATE_SITES)}")
+        raise ModelError(f"unknown gate sites {unknown or sites}; accepted: {', '.join(SITES.names())}")
     blocks = vit_blocks(model)
     make_prunable(model)
     for i, block in enumerate(blocks):
         for site in sites:
             _check_exact(i, block.attn, block.mlp, site)
         for site in sites:
-            owner, name = SITE_SLOT[site]
-            module = getattr(block, owner)
-            if getattr(module, name) is None:
+            module = getattr(block, SITES[site].owner)
+            if getattr(module, SITES[site].gate) is None:
                 size = site_width(block.attn, block.mlp, site)
-                setattr(module, name, new_gate(size).to(module_device(module)))
+                setattr(module, SITES[site].gate, new_gate(size).to(module_device(module)))
     return model
 
 
@@ -64,16 +79,16 @@ def gate_parameters(model: nn.Module) -> dict[tuple[int, str], nn.Parameter]:
     """{(block_index, site): gate parameter} for every attached gate."""
     gates = {}
     for i, block in enumerate(getattr(model, "blocks", ())):
-        for site, (owner, name) in SITE_SLOT.items():
-            g = getattr(getattr(block, owner, None), name, None)
+        for site in SITES:
+            g = getattr(getattr(block, site.owner, None), site.gate, None)
             if g is not None:
-                gates[(i, site)] = g
+                gates[(i, site.name)] = g
     return gates
 
 
 def is_gate(name: str) -> bool:
     """Whether a parameter name (from named_parameters) is a VTP gate."""
-    return name.rsplit(".", 1)[-1] in ("gate_in", "gate_out", "gate_qk", "gate_hidden")
+    return name.rsplit(".", 1)[-1] in {site.gate for site in SITES}
 
 
 def l1_penalty(model: nn.Module, weight: float = 1e-4) -> torch.Tensor:

@@ -194,9 +194,3 @@ def make_prunable(model: nn.Module) -> nn.Module:
             block.mlp = PrunableMlp(block.mlp)
     return model
 
-
-def site_width(attn: PrunableAttention, mlp: PrunableMlp, site: str) -> int:
-    """How many dims a gate site has in one block (its gate's length)."""
-    return {"attn_in": attn.qkv.in_features, "attn_out": attn.num_heads * attn.v_head_dim,
-            "qk": attn.num_heads * attn.qk_head_dim, "mlp_in": mlp.fc1.in_features,
-            "mlp_hidden": mlp.fc1.out_features}[site]

@@ -3,7 +3,9 @@
 Householder (blocked, compact WY), classical and modified Gram-Schmidt, Givens (Sameh-Kuck parallel
 sweeps), column-pivoted QR and LU with partial or complete pivoting live here because *how* each
 algorithm orthogonalises or eliminates is the subject of the comparison; each is checked against
-LAPACK in the tests. `decompose` turns them into low-rank factors of a model's layers.
+LAPACK in the tests. Each is registered here, beside its algorithm, as a decomposition method
+(`registry.register_decomposition`): its truncated factors W ≈ B·A are the first r columns of Q (or
+of P·L) and the first r rows of R (or U); `decompose` applies them to a model's layers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from vitprune.errors import DecomposeError
-from vitprune.names import QR_STUDY_METHODS
+from vitprune.registry import register_decomposition
 
 # ---------------------------------------------------------------- checks
 
@@ -197,19 +199,45 @@ def _qr_pivoted(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, to
     return q[:, :k], torch.triu(r[:k]), perm
 
 
+def _qr_pivoted_in_place(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-pivoted QR with R's columns put back in W's order, so W = Q @ R."""
+    q, r, perm = _qr_pivoted(w, k)
+    out = torch.empty_like(r)
+    out[:, perm] = r
+    return q, out
+
+
+# the QR algorithms under study, by method name
+QR_ALGORITHMS = {"qr_householder": _qr_householder, "qr_cgs": _qr_cgs, "qr_mgs": _qr_mgs, "qr_givens": _qr_givens,
+                 "qr_pivoted": _qr_pivoted_in_place}
+
+
 def qr(w: torch.Tensor, method: str = "qr_householder", k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduced QR of `w` (m x n) with one of the library's algorithms; `k` stops after k columns of Q."""
-    check_method(method, QR_STUDY_METHODS)
+    check_method(method, QR_ALGORITHMS)
     check_matrix(w)
     k = min(w.shape) if k is None else k
     check_rank(k, w)
-    if method == "qr_pivoted":
-        q, r, perm = _qr_pivoted(w, k)
-        out = torch.empty_like(r)
-        out[:, perm] = r
-        return q, out  # W = Q @ R with R's columns put back in W's order
-    return {"qr_householder": _qr_householder, "qr_cgs": _qr_cgs, "qr_mgs": _qr_mgs,
-            "qr_givens": _qr_givens}[method](w, k)
+    return QR_ALGORITHMS[method](w, k)
+
+
+def _truncated_qr(method: str):
+    """Rank-r factors of a QR algorithm: A = R[:r] (r x in), B = Q[:, :r] (out x r)."""
+    def factors(w: torch.Tensor, rank: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
+        q, r = qr(w, method, k=rank)
+        return r, q
+
+    return factors
+
+
+_SUN = ("sun", "refit")  # Sun's comparison with SVD, before and after refitting the second factor
+register_decomposition("qr_householder", family="QR", label="Householder QR", claims=_SUN)(
+    _truncated_qr("qr_householder"))
+register_decomposition("qr_cgs", family="QR", label="classical Gram–Schmidt QR", claims=_SUN)(_truncated_qr("qr_cgs"))
+register_decomposition("qr_mgs", family="QR", label="modified Gram–Schmidt QR", claims=_SUN)(_truncated_qr("qr_mgs"))
+register_decomposition("qr_givens", family="QR", label="Givens QR", claims=_SUN)(_truncated_qr("qr_givens"))
+register_decomposition("qr_pivoted", family="QR", label="column-pivoted QR", claims=(*_SUN, "pivoting"),
+                       improves_on="qr_householder")(_truncated_qr("qr_pivoted"))
 
 
 # ---------------------------------------------------------------- LU
@@ -250,6 +278,19 @@ def lu(w: torch.Tensor, k: int | None = None, complete: bool = False) -> tuple[t
     up = torch.empty_like(u_mat)
     up[:, cols] = u_mat
     return lp, up
+
+
+@register_decomposition("lu", family="LU", label="LU (partial pivoting)", claims=_SUN)
+def _lu_partial(w: torch.Tensor, rank: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    l_mat, u_mat = lu(w, rank)
+    return u_mat, l_mat
+
+
+@register_decomposition("lu_complete", family="LU", label="LU (complete pivoting)", claims=(*_SUN, "pivoting"),
+                        improves_on="lu")
+def _lu_complete(w: torch.Tensor, rank: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    l_mat, u_mat = lu(w, rank, complete=True)
+    return u_mat, l_mat
 
 
 def orthogonality_loss(q: torch.Tensor) -> float:

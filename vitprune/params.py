@@ -15,8 +15,21 @@ from typing import Any, Literal
 import yaml
 
 from vitprune.errors import ParamsError
-from vitprune.names import CRITERIA, DATASETS, DECOMPOSE_METHODS, DEFAULT_SITES, GATE_SITES, LAYERS, SVD_METHODS
+from vitprune.names import DATASETS, LAYERS
+from vitprune.registry import CRITERIA, DECOMPOSITIONS, SITES, import_plugins
 from vitprune.schema import build, option
+
+
+def _default_sites() -> list[str]:
+    return list(SITES.names(default=True))
+
+
+def _all_methods() -> list[str]:
+    return list(DECOMPOSITIONS.names())
+
+
+def _svd_family() -> tuple[str, ...]:
+    return DECOMPOSITIONS.names(family="SVD")
 
 
 @dataclass
@@ -81,7 +94,7 @@ class TrainParams:
 
 @dataclass
 class SparseParams:
-    sites: list = option(list(DEFAULT_SITES), "gate sites", choices=GATE_SITES, item=str)
+    sites: list = option(_default_sites, "gate sites", choices=SITES.names, item=str)
     l1: float = option(1e-4, "sparsity weight lambda of lambda*sum|g|", lo=0.0, hi=100.0)
     epochs: int = option(20, "sparse-training epochs (from the dense model)", lo=0, hi=100_000)
     lr: float = option(1e-3, "peak learning rate", lo=0.0, lo_open=True, hi=10.0)
@@ -92,7 +105,7 @@ class SparseParams:
 class PruneParams:
     ratios: list = option([0.2, 0.4, 0.6], "fractions of gated dimensions to remove", lo=0.0, hi=1.0, hi_open=True,
                      item=float)
-    score: Literal[CRITERIA] = option("gates", "importance criterion")
+    score: str = option("gates", "importance criterion", choices=CRITERIA.names)
     ablation_ratio: float = option(0.4, "ratio at which all criteria are compared", lo=0.0, hi=1.0, hi_open=True)
     scope: Literal["global", "per_site", "per_block"] = option("global", "where the threshold is shared")
     head_mode: Literal["topk", "whole"] = option("topk", "equal dims per head, or whole heads")
@@ -104,7 +117,7 @@ class PruneParams:
 
 @dataclass
 class DecomposeParams:
-    methods: list = option(list(DECOMPOSE_METHODS), "methods compared", choices=DECOMPOSE_METHODS, item=str)
+    methods: list = option(_all_methods, "methods compared", choices=DECOMPOSITIONS.names, item=str)
     rank_ratios: list = option([0.25, 0.5, 0.75], "rank / min(in, out) sweep", lo=0.0, hi=1.0, lo_open=True, item=float)
     finetune_ratio: float = option(0.5, "rank ratio whose models are fine-tuned", lo=0.0, hi=1.0, lo_open=True)
     layers: list = option(list(LAYERS), "projections to factorize", choices=LAYERS, item=str)
@@ -118,7 +131,8 @@ class BudgetParams:
                                 item=float)
     finetune_ratio: float = option(0.6, "the budget point whose models are fine-tuned (one of prune_ratios)",
                                    lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    method: Literal[SVD_METHODS] = option("svd_activation", "the factorization given sensitivity-allocated ranks")
+    method: str = option("svd_activation", "the factorization given sensitivity-allocated ranks (an SVD method)",
+                         choices=_svd_family)
     share: float = option(0.5, "every method is compared at this fraction of the pruned model's parameters",
                           lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     rank_ratios: list = option([0.125, 0.25, 0.375, 0.5, 0.75], "candidate ranks (rank / min(in, out)) whose "
@@ -128,12 +142,21 @@ class BudgetParams:
 @dataclass
 class FinetuneParams:
     epochs: int = option(15, "fine-tuning epochs", lo=0, hi=100_000)
-    methods: list = option(list(DECOMPOSE_METHODS), "decompositions whose models (at decompose.finetune_ratio) are "
-                           "fine-tuned", choices=DECOMPOSE_METHODS, item=str)
+    methods: list | None = option(None, "decompositions whose models (at decompose.finetune_ratio) are fine-tuned "
+                                  "(None = those of decompose.methods that their registry entry fine-tunes)",
+                                  choices=DECOMPOSITIONS.names, item=str)
     lr: float = option(5e-4, "peak learning rate", lo=0.0, lo_open=True, hi=10.0)
     warmup_epochs: float = option(1.0, "linear warm-up length", lo=0.0, hi=100_000)
     distill: float = option(0.0, "weight of KL distillation from the dense model (0 = off)", lo=0.0, hi=1.0)
     distill_temperature: float = option(2.0, "distillation temperature", lo=0.0, lo_open=True, hi=1000.0)
+
+
+@dataclass
+class FindingsParams:
+    margin: float = option(1.0, "equivalence margin in top-1 points: a claim whose 95 % interval lies inside "
+                           "±margin is 'equivalent within ±margin' (one run's binomial error on 1,000 images is "
+                           "~0.5 points, the seed-to-seed spread 0.3-0.9)", lo=0.0, lo_open=True, hi=100.0)
+    margins: dict = option({}, "margins of single claim groups (e.g. {VTP ablation: 0.5}), overriding `margin`")
 
 
 @dataclass
@@ -157,10 +180,13 @@ class Params:
     budget: BudgetParams = field(default_factory=BudgetParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     bench: BenchParams = field(default_factory=BenchParams)
+    findings: FindingsParams = field(default_factory=FindingsParams)
     seeds: list = option([0], "seeds: the pipeline runs its whole chain once per seed, nothing random shared",
                          lo=0, hi=2**31 - 1, item=int)
     workers: int | None = option(None, "processes running seeds/variants side by side (None = CPU cores / "
                                  "train.threads; 1 on GPU)", lo=1, hi=1024)
+    plugins: list | None = option(None, "modules imported first, which register their own decompositions or "
+                                  "criteria (see vitprune.registry)", item=str)
     source: str | None = field(default=None, metadata={"doc": "file this set was read from"})
 
     def to_dict(self) -> dict:
@@ -253,6 +279,9 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict = read_params_file(Path(path)) if path is not None else {}
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
+    plugins = raw.get("plugins")
+    if isinstance(plugins, list) and all(isinstance(m, str) for m in plugins):
+        import_plugins(plugins)  # before the checks: their methods are valid names
     try:
         params = build(Params, raw)
         _check_consistency(params)
@@ -278,6 +307,10 @@ def _check_consistency(p: Params) -> None:
         raise ParamsError("sparse.sites: 'qk' cannot be exact with model.qk_norm: true; remove 'qk' from the sites")
     if m.name == "vit_custom" and m.patch_size > p.data.image_size:
         raise ParamsError(f"model.patch_size ({m.patch_size}) is larger than data.image_size ({p.data.image_size})")
+    for group, margin in p.findings.margins.items():
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 100:
+            raise ParamsError(f"findings.margins.{group}: {margin!r} is not accepted; accepted: a number of top-1 "
+                              "points in (0, 100]")
     d = p.decompose
     if not any(math.isclose(d.finetune_ratio, r) for r in d.rank_ratios):
         raise ParamsError(f"decompose.finetune_ratio ({d.finetune_ratio}) must be one of decompose.rank_ratios "

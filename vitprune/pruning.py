@@ -17,9 +17,9 @@ from torch import nn
 
 from vitprune.checkpoint import apply_block_structure, write_text
 from vitprune.errors import PruneError
-from vitprune.gates import SITE_SLOT, fold_gates, gate_parameters
-from vitprune.layers import PrunableAttention, make_prunable, site_width, vit_blocks
-from vitprune.names import HEAD_SITES
+from vitprune.gates import fold_gates, gate_parameters, site_width
+from vitprune.layers import PrunableAttention, make_prunable, vit_blocks
+from vitprune.registry import SITES
 from vitprune.scoring import Scores
 
 
@@ -119,8 +119,8 @@ def plan_pruning(model: nn.Module, scores: Scores, ratio: float,
     for b, block in enumerate(blocks):
         attn = block.attn
         heads = attn.num_heads
-        site_dims = {"attn_out": attn.v_head_dim, "qk": attn.qk_head_dim}
-        head_keys = [(b, s) for s in HEAD_SITES if (b, s) in scores]
+        site_dims = {s: site_width(attn, block.mlp, s) // heads for s in SITES.names(head_grouped=True)}
+        head_keys = [(b, s) for s in SITES.names(head_grouped=True) if (b, s) in scores]
         if head_mode == "whole" and head_keys:
             per_head = sum(scores[k].detach().float().cpu().view(heads, -1).sum(1) for k in head_keys)
             frac = sum(counts[k] for k in head_keys) / sum(sizes[k] for k in head_keys)
@@ -135,7 +135,7 @@ def plan_pruning(model: nn.Module, scores: Scores, ratio: float,
                 per = _round_count(round(counts[k] / heads), d, min_keep, round_to)
                 grid = scores[k].detach().float().cpu().view(heads, d)
                 kept[k] = [h * d + j for h in range(heads) for j in _top(grid[h], per)]
-        for site in ("attn_in", "mlp_in", "mlp_hidden"):
+        for site in SITES.names(head_grouped=False):
             k = (b, site)
             if k in scores:
                 kept[k] = _top(scores[k], _round_count(counts[k], sizes[k], min_keep, round_to))
@@ -147,9 +147,9 @@ def _site_sizes(model: nn.Module, scores: Scores) -> dict[tuple[int, str], int]:
     sizes = {}
     depth = len(model.blocks)
     for (b, site), s in scores.items():
-        if site not in SITE_SLOT or not 0 <= b < depth:
+        if site not in SITES or not 0 <= b < depth:
             raise PruneError(f"score key {(b, site)} does not name a block (0..{depth - 1}) and a gate site "
-                             f"({', '.join(SITE_SLOT)})")
+                             f"({', '.join(SITES.names())})")
         size = site_width(model.blocks[b].attn, model.blocks[b].mlp, site)
         if s.numel() != size:
             raise PruneError(f"scores for block {b} site {site} have {s.numel()} entries; the model has {size} dims")
@@ -170,7 +170,7 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
             raise PruneError(f"plan expects {plan.num_heads[b]} heads in block {b}; "
                              f"the model has {block.attn.num_heads}")
     for (b, site), size in plan.sizes.items():
-        if b >= len(blocks) or site not in SITE_SLOT:
+        if b >= len(blocks) or site not in SITES:
             raise PruneError(f"plan names block {b} site {site}, which the model does not have")
         actual = site_width(blocks[b].attn, blocks[b].mlp, site)
         if actual != size:

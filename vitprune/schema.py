@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from typing import Any, Literal
 
@@ -22,22 +23,32 @@ _NUMERIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def option(default: Any, doc: str = "", *, lo: float | None = None, hi: float | None = None,
-       lo_open: bool = False, hi_open: bool = False, choices: tuple | None = None, item: type | None = None,
-       pattern: str | None = None, what: str = "") -> Any:
-    """A dataclass field with a doc string and an optional range, choice set, list item type or text pattern."""
+           lo_open: bool = False, hi_open: bool = False, choices: tuple | Callable[[], tuple] | None = None,
+           item: type | None = None, pattern: str | None = None, what: str = "") -> Any:
+    """A dataclass field with a doc string and an optional range, choice set, list item type or text pattern.
+
+    `choices` may be a function returning them (a registry's names, read when a value is checked), and
+    `default` a function making the default (e.g. every registered method)."""
     meta = {"doc": doc, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices,
             "item": item, "pattern": pattern, "what": what}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def choices_of(meta: dict) -> tuple:
+    """A field's accepted values (calling its choices function where it has one); () when any value goes."""
+    choices = meta.get("choices")
+    return tuple(choices() if callable(choices) else choices or ())
+
 
 
 def _accepted(tp: Any, meta: dict) -> str:
     """Human description of what a field accepts."""
-    if meta.get("choices"):
-        return "one of " + ", ".join(map(str, meta["choices"]))
+    if choices_of(meta):
+        return "one of " + ", ".join(map(str, choices_of(meta)))
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
@@ -104,6 +115,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ParamsError(f"{key}: got {value!r} ({type(value).__name__}); accepted: a string")
         if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
             raise ParamsError(f"{key}: {value!r} is not accepted; accepted: {meta['what']}")
+        if choices_of(meta) and value not in choices_of(meta):
+            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(choices_of(meta))}")
         return value
     if tp is list:
         return _coerce_list(key, value, meta)
@@ -139,9 +152,10 @@ def _coerce_list(key: str, value: Any, meta: dict) -> list:
         raise ParamsError(f"{key}: the list is empty; accepted: at least one {_item_words(meta)}")
     item_type = meta.get("item")
     out = []
+    choices = choices_of(meta)
     for i, item in enumerate(value):
-        if meta.get("choices") and item not in meta["choices"]:
-            raise ParamsError(f"{key}[{i}]: {item!r} is not one of {', '.join(meta['choices'])}")
+        if choices and item not in choices:
+            raise ParamsError(f"{key}[{i}]: {item!r} is not one of {', '.join(choices)}")
         if item_type is not None:
             item = _coerce(f"{key}[{i}]", item, item_type, {**meta, "choices": None})
         if item in out:
@@ -151,8 +165,8 @@ def _coerce_list(key: str, value: Any, meta: dict) -> list:
 
 
 def _item_words(meta: dict) -> str:
-    if meta.get("choices"):
-        return "of " + ", ".join(meta["choices"])
+    if choices_of(meta):
+        return "of " + ", ".join(choices_of(meta))
     return getattr(meta.get("item"), "__name__", "value")
 
 

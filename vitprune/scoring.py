@@ -1,6 +1,7 @@
 """Importance scores per (block, site): VTP gates and three baselines with the same structure.
 
-Scoring is separate from pruning: `plan_pruning` accepts any of these.
+Each criterion is registered here (`registry.CRITERIA`) with what it needs; scoring is separate from
+pruning: `plan_pruning` accepts the scores of any of them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitprune.checkpoint import atomic_write
-from vitprune.errors import ScoringError
-from vitprune.gates import SITE_SLOT, attach_gates, fold_gates, gate_parameters
-from vitprune.layers import make_prunable, site_width
-from vitprune.names import CRITERIA, DEFAULT_SITES
+from vitprune.errors import ParamsError, ScoringError
+from vitprune.gates import DEFAULT_SITES, attach_gates, fold_gates, gate_parameters, site_width
+from vitprune.layers import make_prunable
+from vitprune.registry import CRITERIA, SITES, register_criterion
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
@@ -27,7 +28,12 @@ def _sites(model: nn.Module, sites: Iterable[str] | None) -> tuple[str, ...]:
     if sites is not None:
         return tuple(sites)
     present = {site for _, site in gate_parameters(model)}
-    return tuple(s for s in SITE_SLOT if s in present) or DEFAULT_SITES
+    return tuple(s for s in SITES.names() if s in present) or DEFAULT_SITES
+
+
+@register_criterion("gates", label="VTP gates", needs=("gates",))
+def _gates(model: nn.Module, batches: Iterable | None, sites: Iterable[str] | None, seed: int) -> Scores:
+    return gate_scores(model)
 
 
 @torch.no_grad()
@@ -38,6 +44,11 @@ def gate_scores(model: nn.Module) -> Scores:
         raise ScoringError("the model has no gates; attach_gates and sparse-train it, or use a baseline criterion "
                            "(magnitude, taylor, random)")
     return {k: g.detach().abs().clone() for k, g in gates.items()}
+
+
+@register_criterion("magnitude", label="weight magnitude")
+def _magnitude(model: nn.Module, batches: Iterable | None, sites: Iterable[str] | None, seed: int) -> Scores:
+    return magnitude_scores(model, sites)
 
 
 @torch.no_grad()
@@ -65,6 +76,13 @@ def magnitude_scores(model: nn.Module, sites: Iterable[str] | None = None) -> Sc
     return scores
 
 
+@register_criterion("taylor", label="Taylor", needs=("batches",))
+def _taylor(model: nn.Module, batches: Iterable | None, sites: Iterable[str] | None, seed: int) -> Scores:
+    if batches is None:
+        raise ScoringError("criterion 'taylor' needs calibration batches (batches=...)")
+    return taylor_scores(model, batches, sites)
+
+
 def taylor_scores(model: nn.Module, batches: Iterable, sites: Iterable[str] | None = None) -> Scores:
     """First-order Taylor |g * dL/dg| over calibration batches (ones-gates are attached to a copy if absent)."""
     sites = _sites(model, sites)
@@ -88,6 +106,11 @@ def taylor_scores(model: nn.Module, batches: Iterable, sites: Iterable[str] | No
     return {k: (g.detach() * g.grad / seen).abs() for k, g in gates.items()}
 
 
+@register_criterion("random", label="random")
+def _random(model: nn.Module, batches: Iterable | None, sites: Iterable[str] | None, seed: int) -> Scores:
+    return random_scores(model, sites, seed)
+
+
 def random_scores(model: nn.Module, sites: Iterable[str] | None = None, seed: int = 0) -> Scores:
     """Uniform random scores (the floor every criterion must beat)."""
     sites = _sites(model, sites)
@@ -99,18 +122,13 @@ def random_scores(model: nn.Module, sites: Iterable[str] | None = None, seed: in
 
 def importance_scores(model: nn.Module, criterion: str = "gates", batches: Iterable | None = None,
                       sites: Iterable[str] | None = None, seed: int = 0) -> Scores:
-    """{(block_index, site): scores} by `criterion`: gates (|g|), magnitude, taylor (needs batches), random."""
-    if criterion == "gates":
-        return gate_scores(model)
-    if criterion == "magnitude":
-        return magnitude_scores(model, sites)
-    if criterion == "taylor":
-        if batches is None:
-            raise ScoringError("criterion 'taylor' needs calibration batches (batches=...)")
-        return taylor_scores(model, batches, sites)
-    if criterion == "random":
-        return random_scores(model, sites, seed)
-    raise ScoringError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
+    """{(block_index, site): scores} by a registered criterion: gates (|g|), magnitude, taylor (needs batches),
+    random."""
+    try:
+        entry = CRITERIA[criterion]
+    except ParamsError as err:
+        raise ScoringError(str(err)) from None
+    return entry.score(model, batches, sites, seed)
 
 
 def save_scores(scores: dict[str, Scores], path: str | Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vitprune.params import Params
+from vitprune.registry import import_plugins
 
 
 def default_workers(p: Params) -> int:
@@ -36,20 +37,23 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _start_worker(threads: int | None) -> None:
+def _start_worker(threads: int | None, plugins: Sequence[str] = ()) -> None:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    import_plugins(list(plugins))  # a plugin's methods are registered in every process that runs a job
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, threads: int | None,
-             label: str = "jobs", on_done: Callable[[int, int], None] | None = None) -> list[Any]:
+             label: str = "jobs", on_done: Callable[[int, int], None] | None = None,
+             plugins: Sequence[str] = ()) -> list[Any]:
     """fn(*job) for every job, in `workers` spawned processes with `threads` torch threads each (inline when one
     worker or one job; fewer than two rounds of jobs all start at once); results in job order. The first job to
-    fail (in time) has its error raised as it was raised in the job; jobs not started yet are cancelled."""
+    fail (in time) has its error raised as it was raised in the job; jobs not started yet are cancelled. Each
+    process imports `plugins` first."""
     if workers <= 1 or len(jobs) <= 1:
-        _start_worker(threads)
+        _start_worker(threads, plugins)
         results = []
         for i, job in enumerate(jobs):
             results.append(fn(*job))
@@ -59,7 +63,7 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, thread
     if len(jobs) < 2 * workers:
         workers = len(jobs)  # one round, cores shared, rather than a second round on one core while others idle
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"), initializer=_start_worker,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, tuple(plugins))) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         pending, finished = set(futures), 0
         with tqdm(total=len(jobs), desc=label, leave=False) as bar:

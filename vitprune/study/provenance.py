@@ -83,7 +83,7 @@ def environment(params_file: str | Path | None) -> dict[str, Any]:
     import timm
     import torch
 
-    project = Path(__file__).resolve().parent.parent
+    project = Path(__file__).resolve().parents[2]
     params = Path(params_file) if params_file else None
     return {
         "cpu": cpu_model(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),

@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 
 from vitprune.checkpoint import atomic_write
-from vitprune.names import DEFAULT_SITES
+from vitprune.registry import SITES
 
 TIMING_WORDS = ("latency", "time", "speedup", "faster")  # measured columns, excluded from reproducibility checks
 
@@ -113,7 +113,7 @@ def plot_sparsity(history: list[dict]) -> plt.Figure:
 def plot_score_distributions(scores: dict[tuple[int, str], Any]) -> plt.Figure:
     """Histogram of gate scores per block (rows) and site (columns)."""
     blocks = sorted({b for b, _ in scores})
-    sites = [s for s in ("attn_in", "qk", "attn_out", "mlp_in", "mlp_hidden") if any(k[1] == s for k in scores)]
+    sites = [s for s in SITES.names() if any(k[1] == s for k in scores)]
     fig, axes = plt.subplots(len(blocks), len(sites), figsize=(2.6 * len(sites), 1.7 * len(blocks)),
                              sharex=True, squeeze=False)
     top = max(float(v.max()) for v in scores.values())
@@ -133,7 +133,7 @@ def plot_score_distributions(scores: dict[tuple[int, str], Any]) -> plt.Figure:
 
 def plot_kept_dims(archs: dict[str, list[dict[str, int]]], dense: list[dict[str, int]]) -> plt.Figure:
     """Kept width per block and site for each pruned model (fraction of the dense width)."""
-    cols = list(DEFAULT_SITES)
+    cols = list(SITES.names(default=True))
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), sharey=True)
     for ax, col in zip(axes, cols):
         for label, arch in archs.items():

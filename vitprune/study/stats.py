@@ -3,8 +3,9 @@
 A claim such as "SVD keeps more accuracy than Householder QR" compares per-image correctness of two
 models evaluated on the same test images, for the same seeds. `paired_bootstrap` resamples seeds and
 test images (keeping every pair of answers together), so the interval reflects both the spread between
-training runs and the test set's size; `verdict` turns the interval into holds / reversed / not
-distinguishable at this scale.
+training runs and the test set's size; `verdict` turns the interval into holds / reversed / equivalent
+within a declared margin (two one-sided tests read off the same interval) / not distinguishable at this
+scale, and `detectable` says how large a difference a comparison that saw none could have seen.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-HOLDS, REVERSED, UNCLEAR = "holds", "reversed", "not distinguishable at this scale"
+HOLDS, REVERSED, EQUIVALENT, UNCLEAR = "holds", "reversed", "equivalent", "not distinguishable at this scale"
+# a true difference of (z_0.975 + z_0.8) standard errors is detected with 80 % power by a 95 % interval whose
+# half-width is z_0.975 standard errors: the smallest effect a comparison could see is its half-width times this
+POWER_80 = (1.959964 + 0.841621) / 1.959964
 
 
 def _as_matrix(correct: Any) -> np.ndarray:
@@ -51,21 +55,41 @@ def paired_bootstrap(correct_a: Any, correct_b: Any, resamples: int = 10_000, le
             "level": level, "n_seeds": seeds, "test_images": images}
 
 
-def verdict(low: float, high: float) -> str:
-    """holds if the interval lies above zero, reversed if below, else not distinguishable at this scale."""
-    if low > 0:
+def verdict(low: float, high: float, threshold: float = 0.0, margin: float | None = None) -> str:
+    """holds if the interval lies above the threshold, reversed if below; equivalent if it lies inside ±margin
+    (Schuirmann's two one-sided tests, each at the interval's own tail level: a positive finding that a and b are
+    the same for practical purposes); else not distinguishable at this scale."""
+    if low > threshold:
         return HOLDS
-    if high < 0:
+    if high < threshold:
         return REVERSED
+    if margin is not None and -margin <= low and high <= margin:
+        return EQUIVALENT
     return UNCLEAR
 
 
-def claim(statement: str, correct_a: Any, correct_b: Any, margin: float = 0.0, **kwargs: Any) -> dict[str, Any]:
-    """A checked claim "a beats b by more than `margin` points" (a negative margin: "a costs at most −margin
-    points against b"): the statement, the raw difference a − b with its interval, the margin and the verdict."""
+def detectable(low: float, high: float) -> float:
+    """The smallest true difference this comparison would have detected with 80 % power (its half-width × 1.43)."""
+    return POWER_80 * (high - low) / 2
+
+
+def can_move(low: float, high: float, threshold: float = 0.0) -> bool:
+    """Whether the threshold lies within one interval width of either end of the interval: a verdict another
+    machine's floats or other seeds can move."""
+    width = high - low
+    return abs(threshold - low) <= width or abs(threshold - high) <= width
+
+
+def claim(statement: str, correct_a: Any, correct_b: Any, threshold: float = 0.0, margin: float | None = None,
+          **kwargs: Any) -> dict[str, Any]:
+    """A checked claim "a beats b by more than `threshold` points" (a negative threshold: "a costs at most
+    −threshold points against b"), read as equivalence where its interval lies inside ±`margin`: the statement,
+    the difference a − b with its interval, threshold, margin, verdict, the smallest difference the comparison
+    could have seen, and whether the verdict sits within one interval width of its threshold."""
     result = paired_bootstrap(correct_a, correct_b, **kwargs)
-    return {"statement": statement, "verdict": verdict(result["low"] - margin, result["high"] - margin),
-            "margin": margin, **result}
+    low, high = result["low"], result["high"]
+    return {"statement": statement, "verdict": verdict(low, high, threshold, margin), "threshold": threshold,
+            "margin": margin, **result, "detectable": detectable(low, high), "can_move": can_move(low, high, threshold)}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:

@@ -1,11 +1,15 @@
 """The notebooks' handle on a pipeline stage: parameters, inputs from earlier stages, staged outputs.
 
 A notebook opens its stage with `Stage(...)`, reads earlier stages' records and models with
-`require`/`model` (only from the stages `DEPENDS` declares for it: the one dependency table, which
-`vitprune reproduce` also hashes), saves figures/tables (staged under runs/<set>/staging/<stage>/)
-and calls `finish`, which publishes them into figures/<set>/ and writes the stage record. A stage
-that fails half-way leaves figures/ as it was, and a file already owned by another notebook is
-refused, so each file has exactly one author.
+`require`/`model` (only from the stages its registration line reads, `vitprune.study.stages`),
+runs its per-seed jobs with `each_seed`/`run_jobs`, saves figures and tables (staged under
+runs/<set>/staging/<stage>/) and calls `finish`, which publishes them into figures/<set>/ and writes
+the stage's typed record. A stage that fails half-way leaves figures/ as it was, and a file already
+owned by another notebook is refused, so each file has exactly one author.
+
+`Stage.p` is the parameter set as the stage may read it: the sections its registration declares;
+reading any other is an error that names the registration line, so the pipeline's cache (which
+re-runs a stage when a declared parameter changes) cannot miss a dependency.
 """
 
 from __future__ import annotations
@@ -21,32 +25,55 @@ from typing import Any
 
 from vitprune.checkpoint import clean_stray_temps, write_json, write_text
 from vitprune.errors import FigureOwnerError, MissingStageError, ParamsError
-from vitprune.names import STAGES
 from vitprune.params import Params, load_params
+from vitprune.study.records import SeedRecord, StageRecord, read_record, write_record
+from vitprune.study.stages import EVERYTHING, STAGES
 
 MANIFEST = "MANIFEST.json"
-# files in runs/<set>/ that are the pipeline's own bookkeeping, not a stage's outputs
-BOOKKEEPING = ("stages.json", "progress.txt", ".lock", "pipeline_timing.json", "pipeline_timing_partial.json")
-# which earlier stages each stage reads
-DEPENDS = {
-    "01_sparse_training": (),
-    "02_scoring": ("01_sparse_training",),
-    "03_pruning": ("01_sparse_training", "02_scoring"),
-    "04_svd": ("03_pruning",),
-    "05_qr": ("03_pruning",),
-    "06_lu": ("03_pruning",),
-    "07_equal_budget": ("01_sparse_training", "02_scoring", "03_pruning"),
-    "08_finetuning": ("01_sparse_training", "03_pruning", "04_svd", "05_qr", "06_lu", "07_equal_budget"),
-    "09_comparison": STAGES[:8],
-}
+SECTIONS = ("data", "model", "train", "sparse", "prune", "decompose", "budget", "finetune", "bench", "findings")
 
 
 def project_base(params_file: str | Path) -> Path:
     """Where relative paths resolve: the working directory, or the project root when run from notebooks/."""
     if Path(params_file).is_absolute() or Path(params_file).exists():
         return Path(".")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / params_file).exists() else Path(".")
+
+
+class Undeclared:
+    """Stands in for a parameter section a stage did not declare: reading it is an error naming the fix."""
+
+    def __init__(self, section: str, stage: str):
+        self._section, self._stage = section, stage
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key in ("_section", "_stage"):
+            raise AttributeError(key)
+        raise ParamsError(f"stage {self._stage} reads params '{self._section}.{key}', which its registration line "
+                          f"in vitprune/study/stages/__init__.py does not declare; add '{self._section}' (or "
+                          f"'{self._section}.{key}') to its params, so a change to it re-runs the stage")
+
+
+def declared_view(p: Params, stage: str) -> Params:
+    """`p` with every section the stage's registration does not declare replaced by an `Undeclared` guard."""
+    declared = STAGES[stage].params
+    if declared == EVERYTHING:
+        return p
+    sections = {d.split(".", 1)[0] for d in declared}
+    return dataclasses.replace(p, **{s: Undeclared(s, stage) for s in SECTIONS if s not in sections})
+
+
+def declared_values(params: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The parameter values a stage depends on (its declared sections and keys, the seeds and plugins)."""
+    declared = STAGES[stage].params
+    if declared == EVERYTHING:
+        return {k: v for k, v in params.items() if k != "source"}
+    values = {"seeds": params["seeds"], "plugins": params.get("plugins")}
+    for item in declared:
+        section, _, key = item.partition(".")
+        values[item] = params[section][key] if key else params[section]
+    return values
 
 
 class Stage:
@@ -54,18 +81,18 @@ class Stage:
 
     def __init__(self, name: str, params_file: str, overrides: dict[str, Any] | None = None,
                  runs_root: str | Path = "runs", figures_root: str | Path = "figures"):
-        if name not in STAGES:
-            raise ParamsError(f"unknown stage {name!r}; accepted: {', '.join(STAGES)}")
-        from vitprune.provenance import pin_numerics
-        from vitprune.reporting import use_style
+        from vitprune.study.provenance import pin_numerics
+        from vitprune.study.reporting import use_style
 
+        self.entry = STAGES[name]
         pin_numerics()  # before the notebook's first tensor operation; the stage's workers inherit it
 
         self.name = name
         base = project_base(params_file)
-        self.p: Params = load_params(base / params_file, overrides or {})
-        self.run_dir = base / runs_root / self.p.name
-        self.fig_dir = base / figures_root / self.p.name
+        self.params = load_params(base / params_file, overrides or {})
+        self.p: Params = declared_view(self.params, name)
+        self.run_dir = base / runs_root / self.params.name
+        self.fig_dir = base / figures_root / self.params.name
         self.staging = self.run_dir / "staging" / name
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
@@ -77,25 +104,10 @@ class Stage:
 
     @property
     def bundle(self):
-        """The dataset of this parameter set (loaded once per process, shared with the `chain` functions that run
-        in this kernel)."""
-        from vitprune.chain import bundle_of
+        """The dataset of this parameter set (loaded once per process, shared with the jobs run in this kernel)."""
+        from vitprune.study.jobs import bundle_of
 
         return bundle_of(self.p)
-
-    def speedup(self, reference, model) -> dict[str, Any]:
-        """Latency speed-up of `model` over `reference` at the largest bench batch, timed interleaved."""
-        import torch
-
-        from vitprune.chain import input_shape
-        from vitprune.speed import interleaved_times, round_plan, torch_runner
-
-        b = self.p.bench
-        x = torch.randn((max(b.batch_sizes), *input_shape(self.bundle)[1:]))
-        times = interleaved_times({"ref": torch_runner(reference, x), "new": torch_runner(model, x)},
-                                  *round_plan(b.repeats), b.warmup, b.threads)
-        speedup = times["ref"]["min_ms"] / times["new"]["min_ms"]
-        return {"speedup_vs_source_x": speedup, "faster_than_source": speedup > 1.0}
 
     # ------------------------------------------------------------ seeds
 
@@ -112,7 +124,7 @@ class Stage:
         train = dataclasses.replace(self.p.train, seed=seed, progress=self.p.train.progress and not quiet)
         return dataclasses.replace(self.p, train=train)
 
-    def each_seed(self, fn, *args, time_first: bool = False) -> dict[int, Any]:
+    def each_seed(self, fn, *args, time_first: bool = False) -> dict[int, SeedRecord]:
         """fn(seed params, seed folder, *args) for every seed: side by side in worker processes, or with
         `time_first` in this process one after another, passing timed=True to the first seed only (latency is
         never measured beside other work)."""
@@ -131,24 +143,32 @@ class Stage:
     def run_jobs(self, fn, jobs: list[tuple], label: str = "jobs") -> list[Any]:
         """fn(seed params, seed folder, *rest) for every (seed, *rest) in `jobs`, in worker processes with
         train.threads torch threads each (see `workers`); results in job order."""
-        from vitprune.workers import default_workers, run_jobs
+        from vitprune.study.workers import default_workers, run_jobs
 
-        workers = default_workers(self.p)
+        workers = default_workers(self.params)
         args = [(self.seed_params(seed, quiet=workers > 1), self.seed_dir(seed), *rest) for seed, *rest in jobs]
-        return run_jobs(fn, args, workers, self.p.train.threads, label,
+        return run_jobs(fn, args, workers, self.p.train.threads, label, plugins=self.params.plugins or [],
                         on_done=lambda done, total: self.progress(f"{label} {done}/{total} done"))
 
-    def require(self, stage: str) -> dict[str, Any]:
+    # ------------------------------------------------------------ inputs
+
+    def require(self, stage: str) -> StageRecord:
         """The record an earlier stage wrote; MissingStageError naming the notebook if it has not run."""
-        if stage not in DEPENDS[self.name]:
-            raise MissingStageError(f"{self.name} reads {stage}, which DEPENDS in vitprune/stage.py does not list "
-                                    f"for it; add it there so the pipeline re-runs {self.name} when {stage} changes")
+        if stage not in self.entry.reads:
+            raise MissingStageError(f"{self.name} reads {stage}, which its registration line in "
+                                    "vitprune/study/stages/__init__.py does not list; add it there so the pipeline "
+                                    f"re-runs {self.name} when {stage} changes")
         path = self.run_dir / f"{stage}.json"
         if not path.is_file():
+            number = STAGES.names().index(stage) + 1
             raise MissingStageError(f"{self.name} needs the output of notebook {stage}.ipynb, which has not run for "
                                     f"'{self.p.name}' ({path} is missing); run it first: vitprune reproduce "
-                                    f"{self.p.source} --only {int(stage[:2])}")
-        return json.loads(path.read_text())
+                                    f"{self.p.source} --only {number}")
+        return read_record(path)
+
+    def records(self) -> dict[str, StageRecord]:
+        """The records of every stage this one reads, in pipeline order."""
+        return {stage: self.require(stage) for stage in self.entry.reads}
 
     def model(self, filename: str, stage: str, seed: int | None = None):
         """Load a model file an earlier stage wrote (of one seed's chain if given; clear error naming that stage
@@ -161,11 +181,13 @@ class Stage:
             raise MissingStageError(f"{path} is missing; re-run notebook {stage}.ipynb")
         return load_model(path)
 
+    # ------------------------------------------------------------ outputs
+
     def save_figure(self, fig, name: str, caption: str = "") -> None:
         """Stage `name`.png/.pdf for figures/<set>/, show the figure as this cell's output, and close it."""
         import matplotlib.pyplot as plt
 
-        from vitprune.reporting import save_figure
+        from vitprune.study.reporting import save_figure
 
         save_figure(fig, self.staging / name)
         self.captions[name] = caption
@@ -175,7 +197,7 @@ class Stage:
     def save_table(self, df, name: str, caption: str = "", per_seed=None):
         """Stage `name`.md/.tex (and .csv: of `per_seed`, one row per seed, where given) for figures/<set>/;
         returns the table, so a cell ending with it shows it."""
-        from vitprune.reporting import save_table
+        from vitprune.study.reporting import save_table
 
         save_table(df, self.staging / name, per_seed)
         self.captions[name] = caption
@@ -184,7 +206,7 @@ class Stage:
     def save_seed_table(self, long, keys: list[str], name: str, caption: str = "", sort_by: str | None = None):
         """Stage a per-seed frame as a table of one row per `keys` (accuracy as mean ± std, n seeds) in .md/.tex,
         with every seed's row in the .csv; returns the summary, so a cell ending with it shows it."""
-        from vitprune.experiments import summary_table
+        from vitprune.study.tables import summary_table
 
         return self.save_table(summary_table(long, keys, sort_by), name, caption, per_seed=long)
 
@@ -192,26 +214,27 @@ class Stage:
         """Stage a text file (REPORT.md, environment.json) for figures/<set>/."""
         write_text(self.staging / filename, text)
 
-    def report(self, records: dict[str, dict[str, Any]], findings: str = "") -> str:
+    def report(self, records: dict[str, StageRecord], findings: str = "") -> str:
         """Stage REPORT.md and environment.json: every stage's summary, figures, tables, the parameters, the
         environment and the timings (this stage's own figures and tables included)."""
         import yaml
 
-        from vitprune.provenance import environment
-        from vitprune.reporting import report_markdown
+        from vitprune.study.provenance import environment
+        from vitprune.study.reporting import report_markdown
 
         own = {"stage": self.name, "summary": self.summary, "captions": self.captions,
                "seconds": round(time.time() - self._started, 1)}
-        sections = [*records.values(), own]
+        sections = [{"stage": r.stage, "summary": r.summary, "captions": r.captions, "seconds": r.seconds}
+                    for r in records.values()] + [own]
         tables = {}
         for record in sections:
-            for item in record.get("captions", {}):
+            for item in record["captions"]:
                 for folder in (self.staging, self.fig_dir):
                     if (folder / f"{item}.md").is_file():
                         tables[item] = (folder / f"{item}.md").read_text()
                         break
-        env = environment(self.p.source)
-        params = yaml.safe_dump({k: v for k, v in self.p.to_dict().items() if k != "source"}, sort_keys=False)
+        env = environment(self.params.source)
+        params = yaml.safe_dump({k: v for k, v in self.params.to_dict().items() if k != "source"}, sort_keys=False)
         text = report_markdown(self.p.name, sections, tables, params, env, findings, self.split_note())
         self.save_text("REPORT.md", text)
         self.save_text("environment.json", json.dumps(env, indent=1) + "\n")
@@ -237,33 +260,32 @@ class Stage:
 
         report(f"{self.name}: {text}")
 
-    def outputs(self) -> dict[str, str]:
-        """Content hashes of the files this stage wrote into runs/<set>/ (read by the pipeline's cache)."""
-        own = {f"{stage}.json" for stage in STAGES}
-        files = [*self.run_dir.iterdir(), *(p for d in self.run_dir.glob("seed*") if d.is_dir() for p in d.iterdir())]
-        return {p.relative_to(self.run_dir).as_posix(): file_digest(p) for p in sorted(files)
-                if p.is_file() and p.name not in own and p.name not in BOOKKEEPING and not p.name.startswith(".")
-                and p.stat().st_mtime >= self._started - 1}
-
-    def finish(self, record: dict[str, Any]) -> None:
-        """Publish staged figures/tables into figures/<set>/ and write this stage's record."""
+    def finish(self, seeds: dict[int, SeedRecord] | None = None, **extra: Any) -> StageRecord:
+        """Publish staged figures/tables into figures/<set>/ and write this stage's typed record, with the digest of
+        every file it owns: the files its jobs wrote and the figures it published (a changed or missing one
+        re-runs the stage)."""
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.fig_dir / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         staged = sorted(p for p in self.staging.iterdir() if p.is_file())
         for path in staged:
             owner = manifest.get(path.name)
-            if owner in STAGES and owner != self.name:  # an owner no longer in STAGES is a renamed notebook
+            if owner in STAGES and owner != self.name:  # an owner no longer registered is a renamed notebook
                 raise FigureOwnerError(f"{self.fig_dir / path.name} is written by notebook {owner}; "
                                        f"{self.name} must not write it too")
         for path in staged:
             os.replace(path, self.fig_dir / path.name)
             manifest[path.name] = self.name
         write_json(manifest_path, dict(sorted(manifest.items())))
-        write_json(self.run_dir / f"{self.name}.json", {
-            "stage": self.name, "params": self.p.name, "figures": [p.name for p in staged],
-            "captions": self.captions, "summary": self.summary, "seconds": round(time.time() - self._started, 1),
-            "outputs": self.outputs(), **record})
+        seeds = seeds or {}
+        files = sorted({f for record in seeds.values() for f in record.files})
+        record = StageRecord(
+            stage=self.name, params=self.p.name, seeds=seeds, summary=self.summary, captions=self.captions,
+            figures={p.name: file_digest(self.fig_dir / p.name) for p in staged},
+            outputs={f: file_digest(self.run_dir / f) for f in files if (self.run_dir / f).is_file()},
+            seconds=round(time.time() - self._started, 1), extra=extra)
+        write_record(self.run_dir / f"{self.name}.json", record)
+        return record
 
 
 def file_digest(path: Path) -> str:

@@ -24,12 +24,12 @@ import torch
 
 import vitprune as vp
 from vitprune.checkpoint import write_json
-from vitprune.names import QR_STUDY_METHODS
-from vitprune.provenance import cpu_model
-from vitprune.reporting import markdown_table, replace_block
+from vitprune.registry import DECOMPOSITIONS
 from vitprune.speed import break_even_rank, interleaved_times, speed_rows, tokens_per_image, torch_threads
+from vitprune.study.provenance import cpu_model
+from vitprune.study.reporting import markdown_table, replace_block
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEIT_B_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 DEIT_S_SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]
 GOALS = {"pruned": 0.9, "factorized": 0.85}  # speed-up / MAC reduction on DeiT-S, both runtimes (issue 11)
@@ -134,20 +134,19 @@ def profile_rows(dense: torch.nn.Module, pruned: torch.nn.Module, shape: tuple[i
 
 
 def algorithm_rows(repeats: int = 3) -> list[dict[str, Any]]:
-    """Each QR/LU algorithm on DeiT-B's layer shapes, as a ratio to LAPACK's QR (and SVD for reference)."""
+    """Each registered QR and LU algorithm (a full factorization) on DeiT-B's layer shapes, as a ratio to LAPACK's QR
+    (and SVD for reference); an algorithm slower than a second is timed once."""
     rows = []
+    methods = [m for m in DECOMPOSITIONS if m.family in ("QR", "LU")]
     for shape in DEIT_B_SHAPES:
         w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         lapack_qr = _seconds(lambda w=w: torch.linalg.qr(w), repeats)
         lapack_svd = _seconds(lambda w=w: torch.linalg.svd(w, full_matrices=False), repeats)
-        for method in QR_STUDY_METHODS:
-            n = 1 if method in ("qr_givens", "qr_pivoted") else repeats
-            t = _seconds(lambda w=w, m=method: vp.qr(w, m), repeats=n)
-            rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": method, "seconds": t,
-                         "lapack_qr_s": lapack_qr, "ratio_to_lapack": t / lapack_qr})
-        for method, complete in (("lu", False), ("lu_complete", True)):
-            t = _seconds(lambda w=w, c=complete: vp.lu(w, complete=c), repeats=1)
-            rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": method, "seconds": t,
+        for method in methods:
+            run = lambda w=w, m=method: m.factorize(w, min(w.shape))  # noqa: E731 - the full factorization
+            first = _seconds(run, repeats=1)
+            t = first if first > 1.0 else min(first, _seconds(run, repeats))
+            rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": method.name, "seconds": t,
                          "lapack_qr_s": lapack_qr, "ratio_to_lapack": t / lapack_qr})
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "algorithm": "lapack_svd", "seconds": lapack_svd,
                      "lapack_qr_s": lapack_qr, "ratio_to_lapack": lapack_svd / lapack_qr})

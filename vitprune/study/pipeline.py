@@ -1,11 +1,12 @@
-"""`vitprune reproduce`: execute the numbered notebooks in order with papermill.
+"""`vitprune reproduce`: execute the registered stages' notebooks in order with papermill.
 
-A stage is skipped only when nothing it depends on has changed: its notebook, its parameters, the
-records and files of the stages it reads, its own files, the source of every vitprune module its
-notebook reaches (imports followed through the package, lazy ones included) and the lock file. The
-first failing stage stops the run, naming the notebook and cell. One run per parameter set at a time
-(a lock on runs/<set>/); the kernels' progress shows beside the bar; the executed notebooks are
-rendered as HTML under runs/<set>/report/.
+A stage is skipped only when nothing it depends on has changed: its notebook, the parameters its
+registration declares (`vitprune.study.stages`), the records and files of the stages it reads, its own
+files (in runs/<set>/ and the figures and tables it published), the source of every vitprune module its
+notebook reaches (imports followed through the package, lazy ones included, and the modules of the
+stages it reads), the plugins' sources and the lock file. The first failing stage stops the run, naming
+the notebook and cell. One run per parameter set at a time (a lock on runs/<set>/); the kernels'
+progress shows beside the bar; the executed notebooks are rendered as HTML under runs/<set>/report/.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vitprune.checkpoint import write_json, write_text
-from vitprune.errors import ParamsError, RunLocked, StageFailed
-from vitprune.names import STAGES
+from vitprune.errors import MissingStageError, ParamsError, RunLocked, StageFailed
 from vitprune.params import load_params
 from vitprune.progress import ENV as PROGRESS_ENV
 from vitprune.progress import latest
-from vitprune.stage import DEPENDS, file_digest
+from vitprune.study.records import read_record
+from vitprune.study.stage import declared_values, file_digest
+from vitprune.study.stages import STAGES
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]
 PACKAGE_NOTEBOOKS = PACKAGE.parent / "notebooks"
 LOCK_FILE = "constraints.txt"
 
@@ -43,11 +45,12 @@ LOCK_FILE = "constraints.txt"
 def notebooks_dir() -> Path:
     """The notebooks of the checkout in the working directory, else those beside the installed package."""
     here = Path.cwd() / "notebooks"
-    if all((here / f"{stage}.ipynb").is_file() for stage in STAGES):
+    names = STAGES.names()
+    if all((here / f"{stage}.ipynb").is_file() for stage in names):
         return here
-    if all((PACKAGE_NOTEBOOKS / f"{stage}.ipynb").is_file() for stage in STAGES):
+    if all((PACKAGE_NOTEBOOKS / f"{stage}.ipynb").is_file() for stage in names):
         return PACKAGE_NOTEBOOKS
-    raise ParamsError(f"no notebooks/ folder with {', '.join(STAGES)} in '{Path.cwd()}' or beside the installed "
+    raise ParamsError(f"no notebooks/ folder with {', '.join(names)} in '{Path.cwd()}' or beside the installed "
                       f"package ('{PACKAGE_NOTEBOOKS.parent}'); run from the project root")
 
 
@@ -91,42 +94,67 @@ def library_dir() -> Path:
     return here if (here / "__init__.py").is_file() else PACKAGE
 
 
+def package_modules(library: Path) -> dict[str, Path]:
+    """Dotted name -> source file of every module of the vitprune package at `library`."""
+    modules = {}
+    for path in library.rglob("*.py"):
+        parts = path.relative_to(library.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _with_parents(name: str) -> set[str]:
+    """A dotted module and the packages above it (importing it runs their __init__ too)."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
 def imported_modules(source: str, known: set[str]) -> set[str]:
-    """vitprune modules that Python `source` imports (anywhere in it); '__init__' for `import vitprune`."""
-    found = set()
+    """vitprune modules that Python `source` imports anywhere in it (lazy imports too), with their packages."""
+    found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vitprune":
-            parts = node.module.split(".")
-            found |= {parts[1]} if len(parts) > 1 else {"__init__"} | {a.name for a in node.names if a.name in known}
+            found |= _with_parents(node.module) | {f"{node.module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "vitprune":
-                    found.add(parts[1] if len(parts) > 1 else "__init__")
+            found |= {m for a in node.names if a.name.split(".")[0] == "vitprune" for m in _with_parents(a.name)}
     return found & known
 
 
 def module_closure(roots: set[str], library: Path) -> list[str]:
     """`roots` and every vitprune module they reach through imports, sorted."""
-    known = {p.stem for p in library.glob("*.py")}
+    files = package_modules(library)
     seen: set[str] = set()
-    todo = [m for m in roots if m in known]
+    todo = [m for m in roots if m in files]
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += sorted(imported_modules((library / f"{module}.py").read_text(), known) - seen)
+            todo += sorted(imported_modules(files[module].read_text(), set(files)) - seen)
     return sorted(seen)
 
 
-def notebook_modules(notebook: Path, library: Path) -> list[str]:
-    """The vitprune modules a notebook's code reaches."""
+def stage_modules(stage: str, library: Path) -> list[str]:
+    """The vitprune modules a stage's notebook reaches, with the modules of the stage and of the stages it reads
+    (loaded by name, e.g. for their claims)."""
     import nbformat
 
-    nb = nbformat.read(notebook, as_version=4)
+    nb = nbformat.read(notebooks_dir() / f"{stage}.ipynb", as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    known = {p.stem for p in library.glob("*.py")}
-    return module_closure(imported_modules(code, known), library)
+    roots = imported_modules(code, set(package_modules(library)))
+    roots |= {f"vitprune.study.stages.{STAGES[s].module}" for s in (stage, *STAGES[stage].reads)}
+    return module_closure(roots, library)
+
+
+def plugin_sources(plugins: list[str] | None) -> dict[str, str]:
+    """Content hashes of the plugin modules a parameter set imports (their code can change any stage)."""
+    import importlib.util
+
+    out = {}
+    for name in plugins or []:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin) if spec and spec.origin else None
+        out[name] = hashlib.sha256(origin.read_bytes()).hexdigest() if origin and origin.is_file() else "missing"
+    return out
 
 
 def _digest(*parts: Any) -> str:
@@ -136,58 +164,60 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def _record(run_dir: Path, stage: str) -> dict[str, Any] | None:
-    path = run_dir / f"{stage}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def stage_hash(stage: str, params_dict: dict[str, Any], run_dir: Path) -> str:
-    """Content hash of what a stage depends on: notebook, parameters, records of the stages it reads (with
-    the hashes of their files), the source of the library modules it reaches, and the lock file."""
+    """Content hash of what a stage depends on: notebook, the parameters it declares, the records of the stages it
+    reads, the source of the library modules it reaches, the plugins and the lock file."""
     notebook = notebooks_dir() / f"{stage}.ipynb"
     library = library_dir()
-    source = {m: hashlib.sha256((library / f"{m}.py").read_bytes()).hexdigest()
-              for m in notebook_modules(notebook, library)}
+    files = package_modules(library)
+    source = {m: hashlib.sha256(files[m].read_bytes()).hexdigest() for m in stage_modules(stage, library)}
     deps = {d: _digest((run_dir / f"{d}.json").read_bytes()) if (run_dir / f"{d}.json").is_file() else None
-            for d in DEPENDS[stage]}
+            for d in STAGES[stage].reads}
     lock = library.parent / LOCK_FILE
-    params = {k: v for k, v in params_dict.items() if k != "source"}
-    return _digest(notebook.read_bytes(), params, deps, source, lock.read_bytes() if lock.is_file() else b"")
+    return _digest(notebook.read_bytes(), declared_values(params_dict, stage), deps, source,
+                   plugin_sources(params_dict.get("plugins")), lock.read_bytes() if lock.is_file() else b"")
 
 
-def files_intact(run_dir: Path, stages: tuple[str, ...]) -> bool:
-    """Whether every file these stages recorded writing still exists with the same content."""
+def files_intact(run_dir: Path, fig_dir: Path, stages: tuple[str, ...]) -> bool:
+    """Whether every file these stages own — in the run folder and the figures they published — still exists with
+    the content they recorded."""
     for stage in stages:
-        record = _record(run_dir, stage)
-        if record is None:
+        path = run_dir / f"{stage}.json"
+        if not path.is_file():
             return False
-        for name, digest in record.get("outputs", {}).items():
-            path = run_dir / name
-            if not path.is_file() or _content_digest(str(path), *_signature(path)) != digest:
+        try:
+            record = read_record(path)
+        except MissingStageError:  # an unreadable record: the stage runs again
+            return False
+        owned = [(run_dir / name, digest) for name, digest in record.outputs.items()]
+        owned += [(fig_dir / name, digest) for name, digest in record.figures.items()]
+        for file, digest in owned:
+            if not file.is_file() or _content_digest(str(file), *_signature(file)) != digest:
                 return False
     return True
 
 
-def _signature(path: Path) -> tuple[int, int]:
+def _signature(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 @functools.lru_cache(maxsize=4096)
-def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+def _content_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     """file_digest, read once per version of a file: several stages check the same upstream files."""
     return file_digest(Path(path))
 
 
 def _select(only: int | None, start: int | None) -> list[str]:
+    names = STAGES.names()
     if only is not None and start is not None:
         raise ParamsError(f"--only {only} and --from {start} contradict each other; give one of them")
     for flag, value in (("--only", only), ("--from", start)):
-        if value is not None and not 1 <= value <= len(STAGES):
-            raise ParamsError(f"{flag} {value}: accepted stage numbers are 1..{len(STAGES)} ({', '.join(STAGES)})")
+        if value is not None and not 1 <= value <= len(names):
+            raise ParamsError(f"{flag} {value}: accepted stage numbers are 1..{len(names)} ({', '.join(names)})")
     if only is not None:
-        return [STAGES[only - 1]]
-    return list(STAGES[(start or 1) - 1:])
+        return [names[only - 1]]
+    return list(names[(start or 1) - 1:])
 
 
 @contextmanager
@@ -261,12 +291,12 @@ def render_html(run_dir: Path) -> Path:
     out.mkdir(exist_ok=True)
     exporter = HTMLExporter()
     items = []
-    for stage in STAGES:
+    for stage in STAGES.names():
         executed = run_dir / "notebooks" / f"{stage}.ipynb"
         if executed.is_file():
             body, _ = exporter.from_filename(str(executed))
             write_text(out / f"{stage}.html", body)
-            summary = (_record(run_dir, stage) or {}).get("summary", "")
+            summary = _summary(run_dir, stage)
             items.append(f"<li><a href='{stage}.html'>{stage}</a><p>{html.escape(summary)}</p></li>")
     page = (f"<!doctype html><meta charset='utf-8'><title>vitprune: {run_dir.name}</title>"
             f"<h1>vitprune report: {run_dir.name}</h1><ol>{''.join(items)}</ol>")
@@ -295,15 +325,14 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
 
 def update_readme(readme: Path, fig_dir: Path, run_dir: Path) -> bool:
     """Rewrite the README's generated block for this set (if it has one) from the figures just made."""
-    from vitprune.reporting import replace_block, results_block
+    from vitprune.study.reporting import replace_block, results_block
 
-    record = _record(run_dir, STAGES[-1])
-    if not readme.is_file() or record is None or fig_dir.is_absolute():
+    summary = _summary(run_dir, STAGES.summary_stage().name)
+    if not readme.is_file() or summary is None or fig_dir.is_absolute():
         return False
     timing_path = run_dir / "pipeline_timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
-    text = replace_block(readme.read_text(), f"results:{run_dir.name}",
-                         results_block(fig_dir, record["summary"], timing))
+    text = replace_block(readme.read_text(), f"results:{run_dir.name}", results_block(fig_dir, summary, timing))
     if text is None:
         return False
     write_text(readme, text)
@@ -324,7 +353,8 @@ def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures
     for stage in bar:
         bar.set_postfix_str(stage)
         digest = stage_hash(stage, p.to_dict(), run_dir)
-        if state.get(stage) == digest and files_intact(run_dir, (stage, *DEPENDS[stage])):
+        if state.get(stage) == digest and files_intact(run_dir, Path(figures_root) / p.name,
+                                                       (stage, *STAGES[stage].reads)):
             timing["stages"][stage] = {"skipped": True}
             continue
         t0 = time.perf_counter()
@@ -346,6 +376,12 @@ def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures
         timing["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1)}
     timing["total_seconds"] = round(time.perf_counter() - t_start, 1)
     return timing
+
+
+def _summary(run_dir: Path, stage: str) -> str | None:
+    """A stage's generated "What this shows", or None if it has not run."""
+    path = run_dir / f"{stage}.json"
+    return read_record(path).summary if path.is_file() else None
 
 
 def _keep_timing(run_dir: Path, timing: dict[str, Any], every_stage_from_scratch: bool) -> None:
