@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,29 @@ def smoke_params():
 @pytest.fixture
 def digits_bundle(smoke_params):
     return vp.load_data(smoke_params.data)
+
+
+@contextmanager
+def working_dir(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The whole smoke sequence, run once per test session from a copy of the project (its notebooks and library
+    are the ones used): (root with runs/, figures/ and project/, the timing record)."""
+    from vitprune.study.pipeline import reproduce
+
+    root = tmp_path_factory.mktemp("pipeline")
+    project = root / "project"
+    for part in ("vitprune", "notebooks", "params"):
+        shutil.copytree(ROOT / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "constraints.txt", project)
+    with working_dir(project):
+        timing = reproduce("params/smoke.yaml", runs_root=root / "runs", figures_root=root / "figures")
+    return root, timing

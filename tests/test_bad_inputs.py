@@ -7,6 +7,7 @@ files good and broken); the folder's files are compared before and after each ca
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,35 @@ def box(tmp_path_factory) -> Path:
         (d / name).mkdir()
         (d / name / "findings.json").write_text(text)
     (d / "figs_badcsv" / "table_sun.csv").write_bytes(PNG)
+    _issue22_fixtures(d, small, spec, tensors)
     return d
+
+
+def _issue22_fixtures(d: Path, small, spec: dict, tensors: dict) -> None:
+    """Files for the inputs that used to pass silently or end in a traceback: damaged specs and records,
+    factorized models, YAML oddities, a named pipe, figure folders with bad claims or tables."""
+    vp.save_model(vp.decompose_model(small, "svd", rank_ratio=0.25), d / "factorized.safetensors")
+    for name, change in {"inf": {"mlp_ratio": float("inf")}, "neg": {"img_size": -8},
+                         "huge": {"depth": 200, "embed_dim": 65536},  # 10 TB of weights claimed in a few KB
+                         "mismatch": {"depth": 40}}.items():
+        bad = json.loads(json.dumps(spec))
+        bad["timm"]["kwargs"].update(change)
+        save_file(tensors, str(d / f"spec_{name}.safetensors"), metadata={SPEC_KEY: json.dumps(bad)})
+    (d / "damaged_run").mkdir()
+    vp.save_model(small, d / "damaged_run" / "dense.ckpt.safetensors", metadata={"vitprune_train": "{oops"})
+    (d / "lockroot" / "smoke" / ".lock").mkdir(parents=True)
+    (d / "listkey.yaml").write_text("name: k\n? [a, b]\n: 1\n")
+    (d / "bomb.yaml").write_text("name: bomb\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                                 + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n"
+                                           for p, n in zip("abcde", "bcdef")) + "model: {kwargs: {x: *f}}\n")
+    os.mkfifo(d / "pipe.yaml")
+    claim = {"id": "c", "statement": "a beats b", "verdict": "holds", "difference": 1.0, "low": 0.5, "high": 1.5}
+    for name, found in {"figs_numstatement": {"statement": 5}, "figs_lowtext": {"low": "x"},
+                        "figs_nulldiff": {"difference": None}, "figs_dirtable": {}, "figs_texttop1": {}}.items():
+        (d / name).mkdir()
+        (d / name / "findings.json").write_text(json.dumps([{**claim, **found}]))
+    (d / "figs_dirtable" / "table_sun.csv").mkdir()
+    (d / "figs_texttop1" / "table_sun.csv").write_text("seed,method,top1\n0,svd,97.1\n1,svd,abc\n")
 
 
 S = ["--params", str(SMOKE)]
@@ -225,6 +254,48 @@ CASES = [
     (["compare", "figs_badcsv", "figs_badcsv"], 2, ["figs_badcsv/table_sun.csv is not a readable CSV table"]),
     (["reproduce", str(SMOKE), "--set", "name=../x"], 2, ["name", "'../x'"]),
     (["reproduce", str(SMOKE), "--only", "3", "--from", "2"], 2, ["--only", "--from"]),
+    # runs that could not have trained, or files named for what they are not (issue 22)
+    ([*T, "--set", "data.batch_size=4096"], 2, ["data.batch_size (4096)", "training set", "at most"]),
+    ([*T, "--set", "train.min_lr=5"], 2, ["train.min_lr (5", "above train.lr", "accepted"]),
+    ([*T, "--set", "model.mlp_ratio=0.01"], 2, ["model.mlp_ratio (0.01)", "hidden width of 0"]),
+    ([*T, "--set", "prune.ratios=[0.4, 0.40001]"], 2, ["prune.ratios[1]", "_40"]),
+    ([*T, "--set", "budget.prune_ratios=[0.5, 0.500001]", "--set", "budget.finetune_ratio=0.5"], 2,
+     ["budget.prune_ratios[1]", "_50"]),
+    (["prune", *S, "gated.safetensors", "--ratio", "0.4", "--set", "prune.min_keep=1000000"], 2,
+     ["ratio 0.4", "would remove 0.000", "min_keep"]),
+    (["prune", *S, "gated.safetensors", "--ratio", "0.4", "--set", "prune.round_to=4096"], 2,
+     ["ratio 0.4", "round_to 4096"]),
+    (["decompose", *S, "factorized.safetensors", "--method", "svd", "--rank-ratio", "0.5"], 2,
+     ["already factorized", "dense or pruned model"]),
+    (["finetune", *S, "small.safetensors", "--set", "finetune.distill=0.5"], 2, ["finetune.distill", "--teacher"]),
+    # models timm cannot build, or memory cannot hold
+    ([*T, "--set", "model.kwargs={bogus: 1}"], 2, ["model.kwargs.bogus", "not an argument", "accepted"]),
+    ([*T, "--set", "model.kwargs={depth: x}"], 2, ["model.kwargs", "'depth': 'x'", "cannot build"]),
+    ([*T, "--set", "model.kwargs={img_size: 32}"], 2, ["model.kwargs.img_size (32)", "contradicts the data"]),
+    ([*T, "--set", "model.kwargs={num_classes: 3}"], 2, ["model.kwargs.num_classes (3)", "contradicts the data"]),
+    ([*T, "--set", "model.name=vit_tiny_patch16_224"], 2, ["vit_tiny_patch16_224", "16x16 patches", "8x8"]),
+    (["info", "vit_tiny_patch16_224", "--image-size", "8"], 2, ["16x16 patches", "8x8 images"]),
+    ([*T, "--set", "model.embed_dim=16384", "--set", "model.depth=100", "--set", "model.num_heads=1"], 2,
+     ["parameters", "GB of weights", "memory free"]),
+    ([EV, *S, "spec_huge.safetensors"], 2, ["spec_huge.safetensors", "GB of weights"]),
+    ([EV, *S, "spec_mismatch.safetensors"], 2, ["spec_mismatch.safetensors", "does not match its architecture"]),
+    ([EV, *S, "spec_inf.safetensors"], 2, ["spec_inf.safetensors", "cannot be built", "infinity"]),
+    ([EV, *S, "spec_neg.safetensors"], 2, ["spec_neg.safetensors", "cannot be built"]),
+    ([*T, "--set", "train.accum_steps=100"], 2, ["train.accum_steps (100)", "must divide data.batch_size (64)"]),
+    # files and folders
+    ([*T, "--run-dir", "/proc/vitprune_bad_input"], 2, ["/proc/vitprune_bad_input", "writable folder"]),
+    ([*T, "--run-dir", "damaged_run"], 2, ["damaged_run/dense.ckpt.safetensors", "training record", "damaged"]),
+    (["train", "--params", "listkey.yaml"], 2, ["listkey.yaml", "line 2 is a list"]),
+    (["train", "--params", "bomb.yaml"], 2, ["bomb.yaml", "expands to more than"]),
+    (["train", "--params", "pipe.yaml"], 2, ["pipe.yaml", "not a regular file"]),
+    (["reproduce", str(SMOKE), "--runs-root", "a_file"], 2, ["--runs-root 'a_file'", "is a file"]),
+    (["reproduce", str(SMOKE), "--figures-root", "a_file"], 2, ["--figures-root 'a_file'", "is a file"]),
+    (["reproduce", str(SMOKE), "--runs-root", "lockroot"], 1, [".lock", "not a plain file"]),
+    (["compare", "figs_numstatement", "figs_numstatement"], 2, ["statement 5", "a text is needed"]),
+    (["compare", "figs_lowtext", "figs_lowtext"], 2, ["low 'x'", "finite number"]),
+    (["compare", "figs_nulldiff", "figs_nulldiff"], 2, ["difference None", "finite number"]),
+    (["compare", "figs_dirtable", "figs_dirtable"], 2, ["table_sun.csv is not a file but a folder"]),
+    (["compare", "figs_texttop1", "figs_texttop1"], 2, ["column 'top1' holds text", "'abc' in row 2"]),
 ]
 
 

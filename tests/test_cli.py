@@ -68,3 +68,24 @@ def test_prune_with_bad_ratio_and_decompose_with_bad_rank(tmp_path, capsys):
     assert code == 2 and "ratio 1.2 is invalid; accepted: a fraction in [0, 1)" in err
     code, _, err = run(capsys, "decompose", *rd, str(tmp_path / "dense.safetensors"), "--method", "svd", "--rank", "0")
     assert code == 2 and "rank must be a positive int, got 0" in err
+
+
+def test_ctrl_c_ends_in_one_line_with_exit_130_and_the_same_command_resumes(tmp_path):
+    """SIGINT during training: exit 130, one line, no traceback; the checkpoint written so far resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "vitprune.cli", "train", "--params", str(SMOKE), "--run-dir", str(tmp_path),
+            "--set", "train.max_steps=null", "--set", "train.epochs=400"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    ckpt = tmp_path / "dense.ckpt.safetensors"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and time.monotonic() < deadline:  # interrupt once an epoch is saved
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("vitprune train: error: interrupted")
+    assert ckpt.is_file() and not list(tmp_path.glob(".*.tmp"))

@@ -96,3 +96,17 @@ def test_bench_command_times_a_model_and_compares_it_with_another(tmp_path, caps
     assert main([*args, "--against", str(tmp_path / "dense.safetensors"), "--runtime", "torch"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["macs_reduction_x"] > 1.3 and row["speedup_over_macs"] > 0
+
+
+def test_a_killed_writers_temporary_folder_goes_with_the_next_write(tmp_path):
+    """kill -9 during export leaves .<name>.pid<PID>.<random>.tmp; the next write into that folder removes it
+    (a live process's stays)."""
+    import os
+
+    model = randomize(FOREIGN["gap"]().eval())
+    dead, live = tmp_path / ".m.onnx.pid999999999.abc.tmp", tmp_path / f".m.onnx.pid{os.getpid()}.abc.tmp"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "m.onnx").write_bytes(b"half")
+    export_onnx(model, tmp_path / "m.onnx")
+    assert not dead.exists() and live.exists() and (tmp_path / "m.onnx").is_file()

@@ -78,7 +78,9 @@ def test_claims_are_checked_per_seed_pair_with_the_right_verdicts():
     assert cost["verdict"] == HOLDS and cost["difference"] < 0 and cost["threshold"] == -5.0
     assert cost["a"] == "08:pruned_gates_40" and cost["seeds"] == [0, 1, 2]
     text = findings_markdown(list(found.values()), unchecked)
-    assert text.startswith("5 claims checked: 2 hold, 2 reversed, 1 not distinguishable at this scale.")
+    assert text.startswith("5 claims checked: 2 hold, 2 reversed, 0 equivalent within their margin, 1 not "
+                           "distinguishable at this scale;")
+    assert "it could have seen a difference of ±" in text
     assert "**❌ reversed** — lu > svd" in text and "(3 seeds × 1,000 test images, paired)" in text
     assert "**Not checked**" in text and "budget_vtp_svd_60 was not built" in text
 

@@ -38,6 +38,15 @@ def test_attention_matmuls_are_counted():
     assert total == vp.count_macs(vp.attach_gates(model), (1, 1, 28, 28))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_prunable_blocks_keep_the_models_mode(training):
+    """Wrapping a model for pruning keeps train/eval mode in every block (eval takes another attention path)."""
+    model, _, _ = make_arch("custom_cls")
+    model.train(training)
+    vp.attach_gates(model)
+    assert {m.training for m in model.modules()} == {training}
+
+
 def test_save_load_round_trip_with_gates(tmp_path, arch):
     model, x, qk_norm = arch
     vp.attach_gates(model)

@@ -100,3 +100,14 @@ def test_environment_yml_mirrors_the_lock():
     for direct in ("torch", "torchvision", "timm", "papermill", "safetensors", "mlxtend"):
         assert any(p.split("==")[0] == direct for p in pins), f"{direct} is not pinned in environment.yml"
     assert lock["torch"] == "2.14.1" and lock["torchvision"] == "0.29.1"
+
+
+def test_yaml_merge_keys_are_read_as_yaml_reads_them(tmp_path):
+    """`<<: *anchor` merges a mapping; keys given beside it win; a key given twice is still refused."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("name: merged\nsparse: &common {epochs: 1, lr: 0.001}\nfinetune:\n  <<: *common\n  epochs: 2\n")
+    p = vp.load_params(path)
+    assert (p.finetune.lr, p.finetune.epochs, p.sparse.epochs) == (0.001, 2, 1)
+    path.write_text("name: merged\nsparse: &common {epochs: 1}\nfinetune:\n  <<: *common\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ParamsError, match="'lr' is given twice"):
+        vp.load_params(path)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from vitprune.study.provenance import PINNED_NUMERICS, environment, numerics, pin_numerics
+from vitprune.study.provenance import PINNED_NUMERICS, cpu_vendor, environment, numerics, pin_numerics
 
 # A few training steps of the default architecture (patch-embedding convolution, attention, MLP, AdamW) on
 # fixed random data; prints the ATen kernels in use and a hash of the trained weights.
@@ -76,12 +76,42 @@ def test_a_pin_that_came_too_late_is_reported(monkeypatch):
 
 
 def test_pinned_training_computes_what_an_avx2_only_machine_computes():
-    """This machine with the pins against this machine limited to AVX2 the way an AVX2-only CPU is (ATen's dispatch,
-    MKL's instruction set, oneDNN's ISA) and MKL left to choose its own code path: the same weights, bit for bit.
-    On a CPU with AVX-512 this fails if the ATen or the oneDNN pin is dropped (measured on an AMD EPYC with AVX-512:
-    either changes the weights; MKL takes its AVX2 path on AMD CPUs anyway, its pin is for Intel's AVX-512 GEMM)."""
+    """The guarantee on either vendor: with the pins, this machine trains bit for bit what a machine of the same vendor
+    without AVX-512 trains with the same pins (emulated here: ATen's dispatch, MKL's instruction set and oneDNN's ISA
+    limited to AVX2). On Intel, MKL_CBWR=AVX2,STRICT selects MKL's AVX2 branch on both; on AMD, MKL keeps its AUTO
+    branch on both (`test_mkl_takes_the_branch_its_vendor_promises`). Between an Intel and an AMD CPU no bit-identity
+    is promised: the findings carry that (seeds, intervals, verdicts that say whether they can move)."""
     pinned = _train_in_subprocess({})
-    avx2_machine = _train_in_subprocess({"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                                         "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AUTO"})
+    avx2_machine = _train_in_subprocess({"MKL_ENABLE_INSTRUCTIONS": "AVX2", **PINNED_NUMERICS})
     assert pinned["capability"] in ("AVX2", "DEFAULT")
     assert pinned["weights"] == avx2_machine["weights"]
+
+
+def test_mkl_takes_the_branch_its_vendor_promises():
+    """What the pins guarantee differs by vendor, and the environment record says which held: MKL honours
+    MKL_CBWR=AVX2,STRICT on Intel CPUs; on AMD it takes its AUTO branch (still strict: independent of threads)."""
+    env = {k: v for k, v in os.environ.items() if k not in PINNED_NUMERICS}
+    pin_numerics(env)
+    code = "from vitprune.study.provenance import mkl_branch; import json; print(json.dumps(mkl_branch()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    branch = json.loads(out.stdout.strip().splitlines()[-1])["mkl_cnr_branch"]
+    vendor = cpu_vendor()
+    if vendor == "GenuineIntel":
+        assert branch == "AVX2,STRICT"
+    elif vendor == "AuthenticAMD":
+        assert branch == "AUTO,STRICT"
+    else:
+        assert branch.endswith("STRICT") or branch == "not used", branch
+
+
+def test_the_pins_decide_the_numbers_on_a_cpu_with_avx512():
+    """The test above can fail: on a CPU whose native kernels are wider than AVX2, training without the pins computes
+    other weights (where the CPU has no AVX-512, native and pinned kernels are the same and so are the weights)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()  # this pytest process was never pinned: the native kernels
+    native = _train_in_subprocess({"ATEN_CPU_CAPABILITY": capability.lower(), "ONEDNN_MAX_CPU_ISA": "ALL",
+                                   "MKL_CBWR": "AUTO"})
+    pinned = _train_in_subprocess({})
+    assert native["capability"] == capability
+    assert (native["weights"] != pinned["weights"]) == capability.upper().startswith("AVX512")

@@ -35,7 +35,8 @@ def test_attaching_gates_keeps_function_and_timm_keys(arch):
     keys = set(model.state_dict())
     before = model(x)
     vp.attach_gates(model, DEFAULT_SITES if qk_norm else GATE_SITES)
-    assert (model(x) - before).abs().max() == 0
+    # the same function: timm's fused attention against vitprune's explicit one (eval, short sequences: faster)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
     assert keys <= set(model.state_dict())  # timm's keys unchanged: a pretrained checkpoint still loads
     assert all(vp.gates.is_gate(k) for k in set(model.state_dict()) - keys)
     assert all(isinstance(b.attn, PrunableAttention) and b.attn.fused_attn for b in model.blocks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,9 +15,35 @@ from vitprune.speed import interleaved_times, speed_rows
 def test_interleaved_times_alternate_the_order_and_report_min_and_median():
     calls = []
     runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = interleaved_times(runners, rounds=4, repeats=1, warmup=0, threads=1)
-    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
-    assert all(t["min_ms"] <= t["median_ms"] for t in times.values())
+    times = interleaved_times(runners, rounds=4, repeats=1, warmup=1, threads=1)
+    blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # each runner's turn
+    assert blocks == ["a", "b", "a", "b", "a", "b", "a"]  # warm-up a, b; then rounds a b | b a | a b | b a
+    assert all(t["min_ms"] <= t["median_ms"] and t["busy"] in (True, False) for t in times.values())
+
+
+def test_a_timing_taken_while_other_work_runs_is_marked_busy(monkeypatch):
+    machine = iter([100.0, 100.0 + 50.0])  # the machine spent 50 CPU-seconds meanwhile: not this process's
+    with monkeypatch.context() as patch:
+        patch.setattr(speed, "_machine_cpu_seconds", lambda: next(machine))
+        r = speed.interleaved_rounds({"m": lambda: sum(range(1000))}, rounds=4, repeats=1, warmup=1, threads=1)
+    assert r["busy"] and r["foreign_load"] > speed.BUSY_LOAD
+    quiet = speed.interleaved_rounds({"m": lambda: sum(range(1000))}, rounds=4, repeats=1, warmup=1, threads=1)
+    assert set(quiet) >= {"ms", "calibration_ms", "disturbed", "foreign_load", "busy"} and len(quiet["ms"]["m"]) == 4
+
+
+def test_speed_claims_read_same_speed_first_then_faster_or_slower():
+    from vitprune.study.stats import EQUIVALENT, HOLDS, REVERSED, UNCLEAR, speed_claim
+
+    rng = np.random.default_rng(0)
+    source = 10 * (1 + 0.01 * rng.standard_normal(16))
+    same = speed_claim("same", source, source * (1 + 0.01 * rng.standard_normal(16)), margin=0.05)
+    faster = speed_claim("faster", source, source / 1.3 * (1 + 0.01 * rng.standard_normal(16)), margin=0.05)
+    slower = speed_claim("slower", source, source * 1.3, margin=0.05)
+    noisy = speed_claim("noisy", source[:4], source[:4] * np.array([0.6, 1.4, 0.7, 1.3]), margin=0.05)
+    assert (same["verdict"], faster["verdict"], slower["verdict"], noisy["verdict"]) == (EQUIVALENT, HOLDS,
+                                                                                         REVERSED, UNCLEAR)
+    assert 1.25 < faster["speedup"] < 1.35 and faster["low"] <= faster["speedup"] <= faster["high"]
+    assert faster["rounds"] == 16 and noisy["detectable"] > 0.05
 
 
 def test_speed_rows_in_both_runtimes():
@@ -37,7 +64,7 @@ def test_break_even_rank_is_within_the_parameter_break_even():
 
 def test_only_if_faster_keeps_dense_the_layers_two_matmuls_would_slow(monkeypatch):
     model, x, _ = make_arch("gap")
-    monkeypatch.setattr(decompose, "break_even_rank", lambda i, o, tokens, threads: 8 if o > i else 0)
+    monkeypatch.setattr(decompose, "break_even_rank", lambda i, o, tokens, threads, runtime: 8 if o > i else 0)
     decisions = decompose.rank_decisions(model, rank=8, only_if_faster=True)
     assert {d["layer"].rsplit(".", 1)[1]: d["factorize"] for d in decisions if d["layer"].startswith("blocks.0")} == {
         "qkv": True, "proj": False, "fc1": True, "fc2": False}

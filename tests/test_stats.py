@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitprune.study.stats import HOLDS, REVERSED, UNCLEAR, claim, mean_std, paired_bootstrap, with_spread
+from vitprune.study.stats import (
+    EQUIVALENT,
+    HOLDS,
+    POWER_80,
+    REVERSED,
+    UNCLEAR,
+    can_move,
+    claim,
+    mean_std,
+    paired_bootstrap,
+    with_spread,
+)
 
 
 def answers(p: float, images: int = 4000, seeds: int = 3, seed: int = 0) -> np.ndarray:
@@ -26,6 +37,32 @@ def test_no_difference_is_not_distinguishable():
     assert c["verdict"] == UNCLEAR and c["low"] < 0 < c["high"]
     same = paired_bootstrap(a, a)
     assert same["difference"] == same["low"] == same["high"] == 0.0
+
+
+def test_equivalence_holds_and_blindness_on_constructed_data():
+    """Equal models: equivalent within the margin; a 2-point gap: holds; few images: not distinguishable, with the
+    smallest difference the run could have seen."""
+    rng = np.random.default_rng(12)
+    base = (rng.random((3, 4000)) < 0.9).astype(float)
+    near = base.copy()
+    for seed in range(3):  # the same accuracy, 40 answers turned wrong and 40 turned right on every seed
+        right, wrong = np.flatnonzero(base[seed] == 1), np.flatnonzero(base[seed] == 0)
+        near[seed, rng.choice(right, 40, replace=False)] = 0
+        near[seed, rng.choice(wrong, 40, replace=False)] = 1
+    equal = claim("a beats b", near, base, margin=1.0)
+    assert equal["verdict"] == EQUIVALENT and -1.0 <= equal["low"] and equal["high"] <= 1.0
+    worse = base.copy()
+    worse[:, :80] = 0  # 2 points worse on every seed
+    gap = claim("a beats b", base, worse, margin=1.0)
+    assert gap["verdict"] == HOLDS and 1.5 < gap["difference"] < 2.5
+    few = claim("a beats b", base[:1, :60], near[:1, :60], margin=1.0)
+    assert few["verdict"] == UNCLEAR and few["detectable"] == pytest.approx(POWER_80 * (few["high"] - few["low"]) / 2)
+    assert few["detectable"] > 1.0 and few["can_move"]
+
+
+def test_a_verdict_can_move_when_its_threshold_is_within_one_interval_width():
+    assert can_move(0.1, 1.1) and can_move(-2.0, -0.5) and not can_move(5.0, 6.0)
+    assert can_move(1.0, 3.0, threshold=0.5) and not can_move(4.0, 5.0, threshold=0.5)
 
 
 def test_pairing_finds_a_small_difference_on_the_same_images():

@@ -26,7 +26,7 @@ from torch import nn
 
 from vitprune.errors import ModelError, VitpruneError
 from vitprune.layers import ATTN_GATES, MLP_GATES, FactorizedLinear, PrunableAttention, PrunableMlp, new_gate
-from vitprune.models import create_vit, describe_timm, pretrained_config
+from vitprune.models import BUILD_ERRORS, create_vit, describe_timm, pretrained_config
 
 SPEC_KEY = "vitprune_spec"
 SPEC_FORMAT = "vitprune/1"
@@ -42,7 +42,8 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Call write(tmp_path) then rename onto `path`, so readers never see a half-written file.
 
     The temporary file sits in a folder named after this process (.<name>.pid<PID>.<random>.tmp), which
-    also catches the writer's own temporary files; `clean_stray_temps` removes those of dead processes.
+    also catches the writer's own temporary files; `clean_stray_temps` removes those of dead processes, and
+    every write does so in its folder first.
     """
     path = Path(path)
     if path.is_dir():
@@ -50,6 +51,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     if path.parent.exists() and not path.parent.is_dir():
         raise ModelError(f"cannot write '{path}': '{path.parent}' is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stray_temps(path.parent)  # what a killed writer left here goes with the next write
     folder = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp")
     tmp = os.path.join(folder, path.name)
     try:
@@ -110,6 +112,16 @@ def write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, obj: Any) -> Path:
     """Write `obj` as indented JSON, atomically."""
     return write_text(path, json.dumps(obj, indent=1, default=float))
+
+
+def read_json_mapping(path: Path, value_type: type) -> dict[str, Any]:
+    """The entries with `value_type` values of the JSON object in `path`; {} for a missing, truncated or foreign file
+    (what a cache reads: a damaged one costs a re-computation, nothing else)."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, value_type)} if isinstance(found, dict) else {}
 
 
 # ---------------------------------------------------------------- structure spec
@@ -217,7 +229,7 @@ def model_from_spec(spec: dict[str, Any]) -> VisionTransformer:
         return _build_from_spec(spec)
     except VitpruneError as err:
         raise ModelError(f"architecture spec cannot be built: {err}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, AssertionError, RuntimeError) as err:
+    except BUILD_ERRORS as err:
         raise ModelError(f"architecture spec is malformed ({type(err).__name__}: {err})") from None
 
 
@@ -293,11 +305,23 @@ def load_model(path: str | Path) -> VisionTransformer:
         spec = json.loads(metadata[SPEC_KEY])
     except json.JSONDecodeError as err:
         raise ModelError(f"model file '{path}': architecture spec is not valid JSON ({err})") from err
+    state = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
     try:
+        with torch.device("meta"):  # the spec checked against the tensors before a byte of the model is allocated
+            _check_matches(path, model_from_spec(spec), state)
         model = model_from_spec(spec)
     except ModelError as err:
-        raise ModelError(f"model file '{path}': {err}") from None
-    state = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
+        raise ModelError(str(err) if str(err).startswith(f"model file '{path}'") else f"model file '{path}': {err}") \
+            from None
+    model.load_state_dict(state)
+    try:
+        model.vitprune_params = json.loads(metadata.get(PARAMS_KEY, "null"))
+    except json.JSONDecodeError:
+        model.vitprune_params = None  # a damaged record of the training set; the weights are fine
+    return model.eval()
+
+
+def _check_matches(path: str | Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -305,12 +329,6 @@ def load_model(path: str | Path) -> VisionTransformer:
     if missing or unexpected or wrong:
         raise ModelError(f"model file '{path}' does not match its architecture spec: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shapes {sorted(wrong)[:5]}")
-    model.load_state_dict(state)
-    try:
-        model.vitprune_params = json.loads(metadata.get(PARAMS_KEY, "null"))
-    except json.JSONDecodeError:
-        model.vitprune_params = None  # a damaged record of the training set; the weights are fine
-    return model.eval()
 
 
 def model_input(model: nn.Module) -> dict[str, Any]:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, choices=range(14, 22), metavar="{14..21}")
     p.add_argument("--batch", type=int, default=8, choices=range(1, 1025), metavar="{1..1024}",
                    help="images in the check batch (the batch size stays dynamic)")
+    p.add_argument("--optimize", default="ort", choices=["ort", "transformer", "none"],
+                   help="ort: onnxruntime's graph optimisations applied (default); transformer: its ViT transformer "
+                        "optimizer; none: the exporter's graph")
     p.set_defaults(func=commands.cmd_export)
 
     p = sub.add_parser("bench", help="latency of a model file, or its speed-up over --against, measured carefully")
@@ -135,10 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except VitpruneError as err:
-        message = " ".join(str(err).split())  # one line, whatever the message holds
-        print(f"vitprune {args.command}: error: {message}", file=sys.stderr)
-        return err.exit_code
+        return _refuse(args.command, str(err), err.exit_code)
+    except OSError as err:  # a path the system refuses: /proc, a read-only disk, no space left
+        where = f"'{err.filename}'" if err.filename else "a file"
+        return _refuse(args.command, f"cannot use {where}: {err.strerror or err}; give a writable folder", 2)
+    except KeyboardInterrupt:
+        return _refuse(args.command, "interrupted; finished files and checkpoints are kept (written atomically), "
+                       "the same command resumes", 130)
     return 0
+
+
+def _refuse(command: str, message: str, code: int) -> int:
+    message = " ".join(message.split())  # one line, whatever the message holds
+    print(f"vitprune {command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -135,6 +135,11 @@ def cmd_finetune(args) -> None:
     source = _checkpoint(args, run_dir, "")
     _load_for(source, bundle, p)
     teacher = None
+    if p.finetune.distill > 0 and not args.teacher:
+        from vitprune.errors import ParamsError
+
+        raise ParamsError(f"finetune.distill is {p.finetune.distill} but no --teacher is given; pass --teacher "
+                          f"{run_dir / 'dense.safetensors'} (the dense model) or --set finetune.distill=0")
     if args.teacher:
         hint = "give the dense model, e.g. runs/default/dense.safetensors"
         teacher = _load_for(_model_file(Path(args.teacher), "--teacher", hint), bundle, p, "teacher")
@@ -224,12 +229,13 @@ def cmd_export(args) -> None:
     out = Path(args.onnx) if args.onnx else source.with_suffix(".onnx")
     if out.is_dir():
         raise ModelError(f"--onnx '{out}' is a directory; give the file to write, e.g. {out / source.stem}.onnx")
-    export_onnx(model, out, opset=args.opset)
+    export_onnx(model, out, opset=args.opset, optimize=args.optimize)
     diff = check_onnx(model, out, batch=args.batch)
     if diff > TOLERANCE:
         raise ModelError(f"'{out}' was written, but onnxruntime's logits differ from PyTorch's by {diff:.3g} "
                          f"(> {TOLERANCE}); do not deploy it")
-    _print({"onnx": str(out), "source": str(source), "max_abs_diff": diff, "checked_batch": args.batch,
+    _print({"onnx": str(out), "source": str(source), "optimize": args.optimize, "max_abs_diff": diff,
+            "checked_batch": args.batch,
             "params": vp.count_params(model)})
 
 

@@ -261,19 +261,20 @@ def choose_ranks(linears: dict[str, nn.Linear], rank: int | None = None, rank_ra
 
 def rank_decisions(model: nn.Module, rank: int | None = None, rank_ratio: float | None = None,
                    energy: float | None = None, param_budget: float | None = None, layers: Iterable[str] = LAYERS,
-                   only_if_faster: bool = False, batch: int = 8, threads: int = 2,
-                   ranks: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """Per layer: the chosen rank, whether it saves parameters, and (with only_if_faster) whether two matmuls
-    at that rank beat one on this machine (`speed.break_even_rank` at `batch` images); `factorize` says which."""
+                   only_if_faster: bool = False, batches: Iterable[int] = (1, 8), threads: int = 2,
+                   ranks: dict[str, int] | None = None, runtime: str = "torch") -> list[dict[str, Any]]:
+    """Per layer: the chosen rank, whether it saves parameters, and (with only_if_faster) whether two matmuls at
+    that rank beat one on `runtime` here at every batch size in `batches` (`speed.break_even_rank`), so the
+    factorized model is never slower than its source; `factorize` says which."""
     linears = target_linears(model, layers)
     chosen = choose_ranks(linears, rank, rank_ratio, energy, param_budget, ranks)
-    tokens = batch * tokens_per_image(model) if only_if_faster else 0
     rows = []
     for name, r in chosen.items():
         in_f, out_f = linears[name].in_features, linears[name].out_features
         row = {"layer": name, "in": in_f, "out": out_f, "rank": r, "saves_params": saves_params(in_f, out_f, r)}
         if only_if_faster:
-            row["break_even_rank"] = break_even_rank(in_f, out_f, tokens, threads)
+            row["break_even_rank"] = min(break_even_rank(in_f, out_f, b * tokens_per_image(model), threads,
+                                                         runtime=runtime) for b in batches)
         row["factorize"] = row["saves_params"] and (not only_if_faster or r <= row["break_even_rank"])
         rows.append(row)
     return rows
@@ -310,9 +311,11 @@ def decompose_model(model: nn.Module, method: str, rank: int | None = None, rank
                     energy: float | None = None, param_budget: float | None = None,
                     layers: Iterable[str] = LAYERS, calibration: Iterable | None = None,
                     randomized: bool = False, only_if_faster: bool = False, refit: bool = False,
-                    ranks: dict[str, int] | None = None) -> nn.Module:
+                    ranks: dict[str, int] | None = None, runtime: str = "torch",
+                    batches: Iterable[int] = (1, 8)) -> nn.Module:
     """A copy of `model` with the chosen projections factorized where that saves parameters (and, with
-    only_if_faster, where two matmuls at that rank measure faster than one on this machine). With
+    only_if_faster, where two matmuls at that rank measure faster than one on `runtime` here, at every batch
+    size of `batches`: the model is then never slower than its source). With
     refit=True (needs calibration), each layer keeps its method's first factor A and refits B by least
     squares on the calibration inputs, B = argmin ||W X - B A X||."""
     try:
@@ -322,15 +325,49 @@ def decompose_model(model: nn.Module, method: str, rank: int | None = None, rank
     if (entry.calibrated or refit) and calibration is None:
         what = f"method '{method}'" if entry.calibrated else "refit=True"
         raise DecomposeError(f"{what} needs calibration data: pass calibration=<batches or loader>")
+    factorized = [name for name, m in model.named_modules() if isinstance(m, FactorizedLinear)
+                  and name.rsplit(".", 1)[-1] in tuple(layers)]
+    if factorized:
+        raise DecomposeError(f"the model is already factorized ({len(factorized)} projections, e.g. {factorized[0]}); "
+                             "accepted: the dense or pruned model it came from (a factor pair is not factorized "
+                             "again)")
     new = copy.deepcopy(model)
     linears = target_linears(new, layers)
-    decisions = rank_decisions(new, rank, rank_ratio, energy, param_budget, layers, only_if_faster, ranks=ranks)
+    decisions = rank_decisions(new, rank, rank_ratio, energy, param_budget, layers, only_if_faster, batches,
+                               ranks=ranks, runtime=runtime)
     chosen = {d["layer"]: d["rank"] for d in decisions if d["factorize"]}
     stats = calibration_statistics(new, chosen, calibration, fisher="row_fisher" in entry.needs) \
         if entry.calibrated or refit else {}
     for name, r in chosen.items():
         replace_layer(new, name, factorized_layer(linears[name], method, r, stats.get(name), randomized, refit))
     return new
+
+
+@torch.no_grad()
+def densify(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """A copy of `model` with the named FactorizedLinear layers multiplied out into one Linear (W = B·A): the same
+    function, one matmul instead of two — where two matmuls run slower than one (see `slow_layers`)."""
+    new = copy.deepcopy(model)
+    for name in names:
+        layer = new.get_submodule(name)
+        if not isinstance(layer, FactorizedLinear):
+            raise DecomposeError(f"'{name}' is a {type(layer).__name__}, not a factorized layer; nothing to densify")
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None).to(layer.weight.device)
+        dense.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+        replace_layer(new, name, dense)
+    return new
+
+
+def slow_layers(model: nn.Module, batches: Iterable[int] = (1, 8), threads: int = 2,
+                runtime: str = "torch") -> list[str]:
+    """The factorized layers of `model` whose rank lies above their measured break-even (`speed.break_even_rank`)
+    at some batch size of `batches` on `runtime`: there two matmuls are slower than the one they replace."""
+    tokens = [b * tokens_per_image(model) for b in batches]
+    return [name for name, layer in model.named_modules() if isinstance(layer, FactorizedLinear)
+            and any(layer.rank > break_even_rank(layer.in_features, layer.out_features, t, threads, runtime=runtime)
+                    for t in tokens)]
 
 
 def decomposition_report(model: nn.Module, decomposed: nn.Module) -> list[dict[str, Any]]:

@@ -17,6 +17,10 @@ from torch import nn
 from vitprune.errors import ModelError
 
 ATTN_GATES = ("gate_in", "gate_qk", "gate_out")
+# At most this many tokens, batched inference takes the explicit matmul-softmax-matmul path: on CPU, PyTorch's fused
+# kernel costs a fixed overhead per (image, head) that dominates short sequences (measured, 2 threads: 17 tokens,
+# batch 64: fused 479 us, explicit 132 us; 197 tokens, batch 8: fused 2.0x faster; batch 1 and training: fused).
+EXPLICIT_TOKENS = 64
 MLP_GATES = ("gate_in", "gate_hidden")
 
 
@@ -61,6 +65,7 @@ class PrunableAttention(Attention):
 
     def __init__(self, attn: Attention):
         nn.Module.__init__(self)
+        self.training = attn.training  # a wrapped eval-mode model stays in eval mode (eval takes the explicit path)
         if getattr(attn, "gate", None) is not None:
             raise ModelError("attention with a sigmoid output gate (timm gated=True) cannot be pruned exactly")
         for name, child in attn.named_children():
@@ -79,42 +84,57 @@ class PrunableAttention(Attention):
 
     def qkv_row_scale(self) -> torch.Tensor | None:
         """Per-output-row scale of qkv from the `qk` gate: q and k rows both by g, so the logits scale by g^2."""
-        if self.gate_qk is None:
+        gate = self._parameters["gate_qk"]
+        if gate is None:
             return None
-        return torch.cat([self.gate_qk, self.gate_qk, self.gate_qk.new_ones(self.num_heads * self.v_head_dim)])
+        return torch.cat([gate, gate, gate.new_ones(self.num_heads * self.v_head_dim)])
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
         h, dqk, dv = self.num_heads, self.qk_head_dim, self.v_head_dim
-        if self.in_index is not None:
-            x = select_features(x, self.in_index)  # (B, N, C_in): the kept residual features
-        qkv = gated_linear(self.qkv, x, self.gate_in, self.qkv_row_scale())  # (B, N, H*(2*Dqk + Dv))
-        q, k, v = qkv.split([h * dqk, h * dqk, h * dv], dim=-1)
-        q = q.view(b, n, h, dqk).transpose(1, 2)  # (B, H, N, Dqk)
-        k = k.view(b, n, h, dqk).transpose(1, 2)  # (B, H, N, Dqk)
-        v = v.view(b, n, h, dv).transpose(1, 2)  # (B, H, N, Dv)
+        # gates and the input index are read from the module's own dicts: nn.Module.__getattr__ is slow, and a small
+        # model at batch 1 spends its time in such overhead
+        gates, index = self._parameters, self._buffers["in_index"]
+        if index is not None:
+            x = select_features(x, index)  # (B, N, C_in): the kept residual features
+        qkv = gated_linear(self.qkv, x, gates["gate_in"], self.qkv_row_scale())  # (B, N, H*(2*Dqk + Dv))
+        if dqk == dv:  # one reshape for all three, as timm does: fewer operators for every call
+            q, k, v = qkv.reshape(b, n, 3, h, dv).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+        else:
+            q, k, v = qkv.split([h * dqk, h * dqk, h * dv], dim=-1)
+            q = q.view(b, n, h, dqk).transpose(1, 2)  # (B, H, N, Dqk)
+            k = k.view(b, n, h, dqk).transpose(1, 2)  # (B, H, N, Dqk)
+            v = v.view(b, n, h, dv).transpose(1, 2)  # (B, H, N, Dv)
         q, k = self.q_norm(q), self.k_norm(k)
         x = self._attend(q, k, v, attn_mask, is_causal)  # (B, H, N, Dv)
         x = x.transpose(1, 2).reshape(b, n, h * dv)  # (B, N, H*Dv)
         x = self.norm(x)
-        x = gated_linear(self.proj, x, self.gate_out)  # (B, N, C)
+        x = gated_linear(self.proj, x, gates["gate_out"])  # (B, N, C)
         return self.proj_drop(x)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 is_causal: bool) -> torch.Tensor:
-        """softmax(scale * q k^T + mask) v, through the fused kernel when timm would use it."""
-        if not self.fused_attn:
+        """softmax(scale * q k^T + mask) v: explicitly for short sequences in batched inference (EXPLICIT_TOKENS), else
+        through the fused kernel when timm would use it. Every path is the same function; the choice depends on the
+        shapes alone, so the same call gives the same numbers on every run."""
+        short = not self.training and not is_causal and q.shape[0] > 1 and q.shape[-2] <= EXPLICIT_TOKENS
+        if not self.fused_attn or short:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             if attn_mask is not None:
                 attn = attn + attn_mask
             attn = self.attn_drop(attn.softmax(dim=-1))
             return attn @ v
-        # The fused kernels need equal q/k and v head widths: zero-pad the narrower side. Exact: zero
-        # q/k columns add nothing to the logits, and zero v columns are sliced off again.
+        dropout = self.attn_drop.p if self.training else 0.0
+        if q.shape[-1] == v.shape[-1]:  # pruned jointly (or not at all): the fused kernel at the pruned width
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                                  dropout_p=dropout)
+        # q/k and v pruned apart (e.g. qk-norm, which cannot be pruned): the fused kernels need equal widths, so the
+        # narrower side is zero-padded — exact (zero q/k columns add nothing to the logits, zero v columns are sliced
+        # off) and, measured on CPU, faster than the unfused path at the true widths.
         width = max(q.shape[-1], v.shape[-1])
         out = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), _pad_last(v, width),
                                              attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+                                             dropout_p=dropout)
         return out[..., :v.shape[-1]]
 
 
@@ -123,6 +143,7 @@ class PrunableMlp(Mlp):
 
     def __init__(self, mlp: Mlp):
         nn.Module.__init__(self)
+        self.training = mlp.training
         for name, child in mlp.named_children():
             setattr(self, name, child)
         self.register_buffer("in_index", getattr(mlp, "in_index", None))
@@ -130,12 +151,13 @@ class PrunableMlp(Mlp):
             self.register_parameter(site, getattr(mlp, site, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_index is not None:
-            x = select_features(x, self.in_index)  # (B, N, C_in)
-        x = gated_linear(self.fc1, x, self.gate_in)  # (B, N, hidden)
+        gates, index = self._parameters, self._buffers["in_index"]  # read directly: see PrunableAttention.forward
+        if index is not None:
+            x = select_features(x, index)  # (B, N, C_in)
+        x = gated_linear(self.fc1, x, gates["gate_in"])  # (B, N, hidden)
         x = self.drop1(self.act(x))
         x = self.norm(x)
-        x = gated_linear(self.fc2, x, self.gate_hidden)  # (B, N, C)
+        x = gated_linear(self.fc2, x, gates["gate_hidden"])  # (B, N, C)
         return self.drop2(x)
 
 

@@ -6,6 +6,7 @@ constructor arguments in ``model.vitprune_arch`` so a checkpoint can rebuild it 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -28,32 +29,92 @@ def _custom_kwargs(p: ModelParams) -> dict[str, Any]:
                 drop_path_rate=p.drop_path_rate)
 
 
+BUILD_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError, OverflowError, ZeroDivisionError, IndexError,
+                KeyError, AttributeError)  # what timm's constructors raise for arguments they cannot build
+DATA_KWARGS = ("img_size", "in_chans", "num_classes")  # set from the data by build_model
+VIT_ARGUMENTS = set(inspect.signature(VisionTransformer).parameters)
+
+
 def create_vit(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
-    """An untrained timm VisionTransformer: `vit_custom` (the dims in kwargs) or a registered timm name."""
-    if name == "vit_custom":
-        return VisionTransformer(**kwargs)
-    if not timm.is_model(name):
+    """An untrained timm VisionTransformer: `vit_custom` (the dims in kwargs) or a registered timm name.
+
+    The model is first built without memory (on the meta device): arguments timm cannot build, patches larger
+    than the images and a model larger than the free memory are refused before a byte is allocated.
+    """
+    if name != "vit_custom" and not timm.is_model(name):
         near = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ParamsError(f"model.name '{name}' is not a timm model; accepted: vit_custom or a timm name"
                           + (f" such as {', '.join(near)}" if near else ""))
+    unknown = sorted(set(kwargs) - VIT_ARGUMENTS)
+    if unknown:
+        raise ParamsError(f"'{unknown[0]}' is not an argument of timm's VisionTransformer (model '{name}'); "
+                          f"accepted: {', '.join(sorted(VIT_ARGUMENTS))}")
+    with torch.device("meta"):
+        skeleton = _construct(name, kwargs)
+    _check_patches(name, skeleton)
+    _check_fits(name, skeleton)
+    return _construct(name, kwargs)
+
+
+def _construct(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as err:  # a non-ViT constructor rejecting ViT arguments
-        raise ParamsError(f"model.name '{name}' is not a timm VisionTransformer ({err})") from err
+        model = VisionTransformer(**kwargs) if name == "vit_custom" else timm.create_model(name, pretrained=False,
+                                                                                          **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):  # a non-ViT constructor rejecting ViT arguments
+            raise ParamsError(f"model.name '{name}' is not a timm VisionTransformer ({err})") from None
+        raise ParamsError(f"timm cannot build '{name}' from these arguments: {err}") from None
+    except BUILD_ERRORS as err:
+        raise ParamsError(f"timm cannot build '{name}' from these arguments: {type(err).__name__}: {err}") from None
     if not isinstance(model, VisionTransformer):
         raise ParamsError(f"model.name '{name}' builds a {type(model).__name__}, not a timm VisionTransformer")
     return model
 
 
+def _check_patches(name: str, model: VisionTransformer) -> None:
+    embed = model.patch_embed
+    if embed.img_size is not None and any(p > i for p, i in zip(embed.patch_size, embed.img_size)):
+        size, patch = "x".join(map(str, embed.img_size)), "x".join(map(str, embed.patch_size))
+        raise ParamsError(f"model '{name}' cuts {patch} patches, larger than its {size} images; accepted: images "
+                          f"of at least {patch} pixels (data.image_size, --image-size) or a model with smaller "
+                          "patches")
+
+
+def _check_fits(name: str, model: nn.Module) -> None:
+    """Refuse a model whose weights alone exceed the memory free now (training needs about four times that)."""
+    import psutil
+
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = psutil.virtual_memory().available
+    if weights > free:
+        count = sum(p.numel() for p in model.parameters())
+        raise ParamsError(f"model '{name}' has {count:,} parameters: {weights / 1e9:.3g} GB of weights, more than "
+                          f"the {free / 1e9:.3g} GB of memory free (training needs about 4x the weights); accepted: "
+                          "a smaller model (model.embed_dim, model.depth, model.mlp_ratio)")
+
+
 def build_model(p: ModelParams, num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> VisionTransformer:
     """A timm VisionTransformer from a timm name or custom dims; pretrained weights from a local file only."""
     kwargs: dict[str, Any] = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    for key in DATA_KWARGS:
+        if key in p.kwargs and p.kwargs[key] != kwargs[key]:
+            raise ParamsError(f"model.kwargs.{key} ({p.kwargs[key]!r}) contradicts the data, which gives {key} "
+                              f"{kwargs[key]}; remove it (vitprune sets {', '.join(DATA_KWARGS)} from the data)")
     if p.name == "vit_custom":
         kwargs.update(_custom_kwargs(p))
     else:
         kwargs["drop_path_rate"] = p.drop_path_rate
     kwargs.update(p.kwargs)
-    model = create_vit(p.name, kwargs)
+    unknown = sorted(set(p.kwargs) - VIT_ARGUMENTS)
+    if unknown:
+        raise ParamsError(f"model.kwargs.{unknown[0]} is not an argument of timm's VisionTransformer; accepted: "
+                          f"{', '.join(sorted(VIT_ARGUMENTS))}")
+    try:
+        model = create_vit(p.name, kwargs)
+    except ParamsError as err:
+        if p.kwargs and "cannot build" in str(err):
+            raise ParamsError(f"model.kwargs {p.kwargs}: {err}") from None
+        raise
     model.vitprune_arch = {"name": p.name, "kwargs": _jsonable(kwargs)}
     if p.pretrained:
         load_pretrained(model, p.pretrained)

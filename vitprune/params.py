@@ -156,6 +156,8 @@ class FindingsParams:
     margin: float = option(1.0, "equivalence margin in top-1 points: a claim whose 95 % interval lies inside "
                            "±margin is 'equivalent within ±margin' (one run's binomial error on 1,000 images is "
                            "~0.5 points, the seed-to-seed spread 0.3-0.9)", lo=0.0, lo_open=True, hi=100.0)
+    speed_margin: float = option(0.05, "equivalence margin of speed claims: a speed-up whose interval lies inside "
+                                 "1 ± speed_margin is 'the same speed'", lo=0.0, lo_open=True, hi=1.0)
     margins: dict = option({}, "margins of single claim groups (e.g. {VTP ablation: 0.5}), overriding `margin`")
 
 
@@ -235,6 +237,12 @@ class _StrictLoader(yaml.SafeLoader):
 def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden here
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+            raise ParamsError(f"the key at line {key_node.start_mark.line + 1} is a {kind}; keys are names such as "
+                              "train or epochs")
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ParamsError(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); give each key once")
@@ -249,6 +257,9 @@ def read_params_file(path: Path) -> dict:
     """The mapping in a YAML parameter file, with a clear error for anything else."""
     if path.is_dir():
         raise ParamsError(f"params file '{path}' is a directory; give a YAML file such as params/default.yaml")
+    if path.exists() and not path.is_file():
+        raise ParamsError(f"params file '{path}' is not a regular file (a named pipe, device or socket); give a YAML "
+                          "file such as params/default.yaml")
     if not path.is_file():
         avail = sorted(p.name for p in Path("params").glob("*.yaml")) if Path("params").is_dir() else []
         hint = f"; available in params/: {', '.join(avail)}" if avail else ""
@@ -274,10 +285,31 @@ def read_params_file(path: Path) -> dict:
     return raw
 
 
+MAX_VALUES = 100_000  # a parameter set expands to far fewer values; YAML aliases can make billions
+
+
+def _bounded(tree: Any, where: str) -> None:
+    """Refuse a parameter tree of more than MAX_VALUES values once aliases are expanded (a YAML alias bomb),
+    counting without expanding."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ParamsError(f"{where} expands to more than {MAX_VALUES:,} values (YAML anchors and aliases "
+                              "repeated inside each other); accepted: a parameter set as in params/")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
     """Load a parameter set from YAML (or defaults when `path` is None) and apply dotted overrides."""
     raw: dict = read_params_file(Path(path)) if path is not None else {}
+    _bounded(raw, f"params file '{path}'")
     for key, value in (overrides or {}).items():
+        _bounded(value, f"--set {key}")
         _set_dotted(raw, key, value)
     plugins = raw.get("plugins")
     if isinstance(plugins, list) and all(isinstance(m, str) for m in plugins):
@@ -307,6 +339,12 @@ def _check_consistency(p: Params) -> None:
         raise ParamsError("sparse.sites: 'qk' cannot be exact with model.qk_norm: true; remove 'qk' from the sites")
     if m.name == "vit_custom" and m.patch_size > p.data.image_size:
         raise ParamsError(f"model.patch_size ({m.patch_size}) is larger than data.image_size ({p.data.image_size})")
+    if m.name == "vit_custom" and int(m.embed_dim * m.mlp_ratio) < 1:
+        raise ParamsError(f"model.mlp_ratio ({m.mlp_ratio}) gives an MLP hidden width of "
+                          f"{int(m.embed_dim * m.mlp_ratio)} at model.embed_dim {m.embed_dim}; accepted: a ratio of "
+                          f"at least {1 / m.embed_dim:.3g} (one hidden unit)")
+    _check_schedule(p)
+    _check_variant_names(p)
     for group, margin in p.findings.margins.items():
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 100:
             raise ParamsError(f"findings.margins.{group}: {margin!r} is not accepted; accepted: a number of top-1 "
@@ -323,3 +361,31 @@ def _check_consistency(p: Params) -> None:
     if not any(math.isclose(d.source_ratio, r) for r in pruned):
         raise ParamsError(f"decompose.source_ratio ({d.source_ratio}) must be one of prune.ratios {p.prune.ratios} "
                           f"or prune.ablation_ratio ({p.prune.ablation_ratio}): that pruned model is decomposed")
+
+
+def _check_schedule(p: Params) -> None:
+    """The cosine schedule decays from each stage's lr to train.min_lr, and a step sees the batch whole."""
+    rates = {"train.lr": p.train.lr, "sparse.lr": p.sparse.lr, "finetune.lr": p.finetune.lr}
+    above = {key: lr for key, lr in rates.items() if p.train.min_lr > lr}
+    if above:
+        key, lr = next(iter(above.items()))
+        raise ParamsError(f"train.min_lr ({p.train.min_lr}) is above {key} ({lr}): the schedule would climb instead "
+                          f"of decay; accepted: train.min_lr <= {min(rates.values())} (the smallest stage lr)")
+    batch, accum = p.data.batch_size, p.train.accum_steps
+    if batch % accum:
+        raise ParamsError(f"train.accum_steps ({accum}) must divide data.batch_size ({batch}): each step is "
+                          f"{accum} micro-batches of batch_size / accum_steps images; accepted: a divisor of {batch}")
+
+
+def _check_variant_names(p: Params) -> None:
+    """Two pruning ratios must not name the same files (the names carry the percentage to 0.01)."""
+    from vitprune.names import ratio_label
+
+    for key, ratios in (("prune.ratios", p.prune.ratios), ("budget.prune_ratios", p.budget.prune_ratios)):
+        seen: dict[str, float] = {}
+        for i, ratio in enumerate(ratios):
+            label = ratio_label(ratio)
+            if label in seen:
+                raise ParamsError(f"{key}[{i}] ({ratio}) and {seen[label]} both name their models _{label}; "
+                                  "accepted: ratios at least 0.0001 apart")
+            seen[label] = ratio

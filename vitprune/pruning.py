@@ -22,6 +22,8 @@ from vitprune.layers import PrunableAttention, make_prunable, vit_blocks
 from vitprune.registry import SITES
 from vitprune.scoring import Scores
 
+RATIO_TOLERANCE = 0.1  # how far a plan's realised ratio may fall from the requested one (per-head rounding)
+
 
 @dataclass
 class PrunePlan:
@@ -130,17 +132,35 @@ def plan_pruning(model: nn.Module, scores: Scores, ratio: float,
                 d = site_dims[k[1]]
                 kept[k] = [h * d + j for h in keep_heads for j in range(d)]
         else:
+            widths = _head_widths(head_keys, counts, site_dims, heads, min_keep, round_to)
             for k in head_keys:
                 d = site_dims[k[1]]
-                per = _round_count(round(counts[k] / heads), d, min_keep, round_to)
                 grid = scores[k].detach().float().cpu().view(heads, d)
-                kept[k] = [h * d + j for h in range(heads) for j in _top(grid[h], per)]
+                kept[k] = [h * d + j for h in range(heads) for j in _top(grid[h], widths[k])]
         for site in SITES.names(head_grouped=False):
             k = (b, site)
             if k in scores:
                 kept[k] = _top(scores[k], _round_count(counts[k], sizes[k], min_keep, round_to))
     meta = dict(scope=scope, min_keep=min_keep, round_to=round_to, head_mode=head_mode)
-    return PrunePlan(kept, sizes, [blk.attn.num_heads for blk in blocks], float(ratio), meta)
+    plan = PrunePlan(kept, sizes, [blk.attn.num_heads for blk in blocks], float(ratio), meta)
+    if abs(plan.realised_ratio - ratio) > RATIO_TOLERANCE:  # a model named for one ratio must hold about that
+        raise PruneError(f"pruning at ratio {ratio} would remove {plan.realised_ratio:.3f} of the gated dimensions "
+                         f"(min_keep {min_keep}, round_to {round_to}, head_mode {head_mode}), more than "
+                         f"{RATIO_TOLERANCE} away; accepted: prune.min_keep and prune.round_to well below the sites' "
+                         f"widths (per head for qk and attn_out; the narrowest site is {min(sizes.values())} wide)")
+    return plan
+
+
+def _head_widths(head_keys: list[tuple[int, str]], counts: dict[tuple[int, str], int], site_dims: dict[str, int],
+                 heads: int, min_keep: int, round_to: int) -> dict[tuple[int, str], int]:
+    """Dims each head keeps per head-grouped site. When the plan prunes both `qk` and `attn_out`, every head keeps
+    the same number of query/key and value dims (the mean of what the threshold keeps of each): fused attention
+    then runs at the pruned width with nothing padded, and its MACs fall as `count_macs` counts them."""
+    if len(head_keys) == 2:
+        joint = round(sum(counts[k] for k in head_keys) / (2 * heads))
+        width = _round_count(joint, min(site_dims[k[1]] for k in head_keys), min_keep, round_to)
+        return dict.fromkeys(head_keys, width)
+    return {k: _round_count(round(counts[k] / heads), site_dims[k[1]], min_keep, round_to) for k in head_keys}
 
 
 def _site_sizes(model: nn.Module, scores: Scores) -> dict[tuple[int, str], int]:
@@ -257,7 +277,7 @@ def _select_in(old_index: torch.Tensor | None, kept: list[int] | None,
                dim: int) -> tuple[list[int], torch.Tensor | None]:
     """Columns to keep of the layer, and the new input index into the residual stream."""
     cols = list(range(dim)) if kept is None else list(kept)
-    if old_index is None and kept is None:
+    if old_index is None and cols == list(range(dim)):  # every feature kept, in order: nothing to select
         return cols, None
     base = old_index if old_index is not None else torch.arange(dim)
     return cols, base[cols].clone()

@@ -64,6 +64,24 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+RECORD_FIELDS = {"epoch": int, "history": list, "config": dict}
+
+
+def train_record(meta: dict[str, str], ckpt: Path) -> dict[str, Any]:
+    """The training record in a checkpoint's header, refused clearly when it is damaged."""
+    try:
+        info = json.loads(meta.get(TRAIN_KEY, "{}"))
+    except json.JSONDecodeError:
+        info = None
+    ok = isinstance(info, dict) and all(isinstance(info.get(k), t) for k, t in RECORD_FIELDS.items()) \
+        and isinstance(info.get("param_groups"), (list, type(None)))
+    if not ok:
+        raise ModelError(f"checkpoint '{ckpt}': its training record (header key '{TRAIN_KEY}') is damaged: not a "
+                         f"JSON object with {', '.join(RECORD_FIELDS)} and param_groups; delete the checkpoint to "
+                         "train this stage again")
+    return info
+
+
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
 
@@ -72,7 +90,7 @@ def resume_from(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, config
             on_config_change: str, rank: int) -> tuple[int, list[dict[str, Any]]]:
     """(epoch to start at, history so far) from a checkpoint of the same configuration."""
     tensors, meta = read_checkpoint(ckpt)
-    info = json.loads(meta.get(TRAIN_KEY, "{}"))
+    info = train_record(meta, ckpt)
     changed = _config_changes(info.get("config", {}), config)
     if changed and on_config_change == "error":
         raise ModelError(f"checkpoint '{ckpt}' was made with different settings ({', '.join(changed)}); "

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from vitprune.checkpoint import PARAMS_KEY, clean_stray_temps, read_metadata, save_model, share_file, write_json
 from vitprune.data import DataBundle, test_batches, train_batches
-from vitprune.errors import ModelError, TrainingDiverged
+from vitprune.errors import ModelError, ParamsError, TrainingDiverged
 from vitprune.gates import gate_statistics, is_gate, l1_penalty
 from vitprune.metrics import evaluate
 from vitprune.params import Params
 from vitprune.progress import report
-from vitprune.resume import TRAIN_KEY, resume_from, save_checkpoint, weights_digest
+from vitprune.resume import resume_from, save_checkpoint, train_record, weights_digest
 
 
 @dataclass
@@ -184,10 +184,12 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
     warning) and training starts over.
     """
     rank, world, local_rank = distributed_context()
+    steps = _steps_per_epoch(bundle, cfg)  # checked before anything is written
     device = resolve_device(cfg.device, local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the model was built and the data checked
     if rank == 0:
         clean_stray_temps(run_dir)
     ckpt = run_dir / f"{name}.ckpt.safetensors"
@@ -199,7 +201,6 @@ def train(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, run_dir: str |
     start_epoch, history = 0, []
     if resume and ckpt.is_file():
         start_epoch, history = resume_from(ckpt, model, opt, config, on_config_change, rank)
-    steps = _steps_per_epoch(bundle, cfg)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     loop = _Loop(model, ddp, opt, cfg, device, rank, world, name, ckpt, teacher, steps, steps * cfg.epochs,
@@ -303,7 +304,12 @@ def _checkpoint(loop: _Loop, epoch: int, history: list[dict[str, Any]], config: 
 
 
 def _steps_per_epoch(bundle: DataBundle, cfg: TrainConfig) -> int:
-    steps = max(1, bundle.num_train() // cfg.batch_size)
+    """Optimiser steps per epoch: full batches only, so a batch larger than the training set is refused."""
+    if cfg.batch_size > bundle.num_train():
+        raise ParamsError(f"data.batch_size ({cfg.batch_size}) is larger than the training set ({bundle.num_train():,} "
+                          f"{bundle.name} images): no full batch, so no optimiser step would run; accepted: at most "
+                          f"{bundle.num_train()}")
+    steps = bundle.num_train() // cfg.batch_size
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
@@ -351,8 +357,11 @@ def _publish_model(model: nn.Module, run_dir: Path, name: str) -> None:
 
 
 def _is_finished_checkpoint_of(meta: dict[str, str], model: nn.Module) -> bool:
-    record = json.loads(meta.get(TRAIN_KEY, "{}"))
-    return record.get("param_groups", False) is None and meta.get(PARAMS_KEY) == json.dumps(model.vitprune_params)
+    try:
+        record = train_record(meta, Path("checkpoint"))
+    except ModelError:
+        return False  # a damaged record: the model is written afresh
+    return record["param_groups"] is None and meta.get(PARAMS_KEY) == json.dumps(model.vitprune_params)
 
 
 def check_learned(record: dict[str, Any], bundle: DataBundle, path: Path) -> None:

@@ -1,38 +1,63 @@
-"""`make bench`: speed and memory figures, written to a results file the README quotes.
+"""`make bench`: speed figures, written to benchmarks/results.json (and .md) and quoted by the README.
 
-Measures, on whatever machine runs it, with one careful routine (`speed.interleaved_times`: fixed
-threads, warm-up, dense and variants interleaved, minimum and median over rounds): latency speed-up
-of pruned and factorized models divided by their MAC reduction for the default model and the DeiT-S
-and DeiT-B shapes at batch 1 and 8, in PyTorch eager and onnxruntime; the measured break-even rank
-of each layer shape; where the pruned model's time goes (torch.profiler); training throughput and
-the gates' overhead; each decomposition algorithm on DeiT-B's shapes against LAPACK; and the
-pipeline's own timing record when `make reproduce` has run.
+Measured on whatever machine runs it, with the one careful routine (`speed.interleaved_rounds`: fixed
+threads, warm-up, models interleaved with the order reversed every other round, a calibration workload
+and the machine's load watched):
+
+- DeiT-S (random weights; speed does not depend on training): pruned by vitprune (magnitude scores, VTP's
+  sites with the query/key dims pruned with the values) and by Torch-Pruning, each brought to the same MACs
+  (within 1 %, `vp.count_macs`) at 20/40/60 % fewer MACs than dense; speed-up over dense ÷ MAC reduction in
+  PyTorch eager and onnxruntime at batch 1 and 8; at equal MACs a paired verdict, vitprune against
+  Torch-Pruning; factorization of the 40 % model only where it pays, decided per runtime;
+- the ONNX graph as exported, with onnxruntime's graph optimisations, and with its ViT transformer optimizer;
+- the break-even rank of DeiT layer shapes in both runtimes; where the pruned model's time goes;
+- the default model's training throughput and the gates' overhead; each QR/LU algorithm on DeiT-B's shapes
+  against LAPACK; what MKL's vendor-independent branch (MKL_CBWR=COMPATIBLE) costs a training step against
+  the study's pins; the pipeline's per-stage time when `make reproduce` has run.
+`bench_report` turns the results into the goals' verdicts, the Markdown file and the README block.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import timm
 import torch
 
 import vitprune as vp
-from vitprune.checkpoint import write_json
+from vitprune.checkpoint import write_json, write_text
+from vitprune.export import OPTIMIZERS, export_onnx, onnx_session
 from vitprune.registry import DECOMPOSITIONS
-from vitprune.speed import break_even_rank, interleaved_times, speed_rows, tokens_per_image, torch_threads
-from vitprune.study.provenance import cpu_model
-from vitprune.study.reporting import markdown_table, replace_block
+from vitprune.speed import (
+    RUNTIMES,
+    break_even_rank,
+    interleaved_rounds,
+    interleaved_times,
+    quiet_min,
+    speed_rows,
+    tokens_per_image,
+    torch_threads,
+)
+from vitprune.study.bench_report import goal_rows, readme_summary, summary_markdown
+from vitprune.study.peers import at_macs, peer_info, relative_output_change, torch_pruning_vit
+from vitprune.study.provenance import PINNED_NUMERICS, cpu_model, cpu_vendor
+from vitprune.study.reporting import replace_block
 
 ROOT = Path(__file__).resolve().parents[2]
-DEIT_B_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 DEIT_S_SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]
-GOALS = {"pruned": 0.9, "factorized": 0.85}  # speed-up / MAC reduction on DeiT-S, both runtimes (issue 11)
+DEIT_B_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+MAC_CUTS = (0.2, 0.4, 0.6)
+SHAPE = (1, 3, 224, 224)
 
 
 def _seconds(fn, repeats: int = 5) -> float:
@@ -75,42 +100,63 @@ def random_gated(model: torch.nn.Module, sites) -> torch.nn.Module:
     return model
 
 
-def variants(model: torch.nn.Module, sites) -> tuple[torch.nn.Module, dict, dict]:
-    """(dense, pruned 20/40/60 % and 40 % with widths rounded to 16, factorized 40 %-pruned) of one model."""
-    gated = random_gated(model.eval(), sites)
-    scores = vp.importance_scores(gated)
-    pruned = {f"pruned_{round(100 * r)}": vp.prune(gated, vp.plan_pruning(gated, scores, r)) for r in (0.2, 0.4, 0.6)}
-    pruned["pruned_40_round16"] = vp.prune(gated, vp.plan_pruning(gated, scores, 0.4, round_to=16))
-    base = pruned["pruned_40"]
-    factorized = {f"svd_rank_{r}": vp.decompose_model(base, "svd", rank_ratio=r) for r in (0.25, 0.5)}
-    factorized["svd_rank_0.5_only_if_faster"] = vp.decompose_model(base, "svd", rank_ratio=0.5, only_if_faster=True)
-    return vp.fold_gates(gated), pruned, factorized
+def deit_small_variants() -> dict[str, Any]:
+    """Dense DeiT-S, vitprune's and Torch-Pruning's models at each MAC cut (equal MACs within 1 %), and vitprune's
+    40 % model factorized where it pays in each runtime."""
+    dense = timm.create_model("deit_small_patch16_224").eval()
+    gated = random_gated(copy.deepcopy(dense), vp.SITES.names())  # every site: the widest cut
+    scores = vp.importance_scores(gated, "magnitude")
+    base = vp.count_macs(dense, SHAPE)
+    models, info = {}, []
+    for cut in MAC_CUTS:
+        pct = round(100 * cut)
+        peer, peer_ratio = at_macs(lambda r: torch_pruning_vit(dense, r, SHAPE), (1 - cut) * base, SHAPE)
+        plans = {}
+
+        def ours(ratio: float, plans=plans) -> torch.nn.Module:
+            plans[ratio] = vp.plan_pruning(gated, scores, ratio)
+            return vp.prune(gated, plans[ratio])
+
+        mine, ratio = at_macs(ours, vp.count_macs(peer, SHAPE), SHAPE)
+        models[f"vitprune_{pct}"], models[f"torch_pruning_{pct}"] = mine, peer
+        info.append({"macs_cut_target": cut, "vitprune_ratio": ratio, "torch_pruning_ratio": peer_ratio,
+                     "vitprune_macs_G": vp.count_macs(mine, SHAPE) / 1e9, "torch_pruning_macs_G":
+                     vp.count_macs(peer, SHAPE) / 1e9, "vitprune_exactness": relative_output_change(
+                         vp.zero_dropped(gated, plans[ratio]), mine, (2, *SHAPE[1:]))})
+    source = models["vitprune_40"]
+    factorized = {f"svd_0.5_pays_{runtime}": vp.decompose_model(source, "svd", rank_ratio=0.5, only_if_faster=True,
+                                                                runtime=runtime, batches=(1, 8))
+                  for runtime in RUNTIMES}
+    return {"dense": vp.fold_gates(gated), "pruned": models, "factorized": factorized, "equal_macs": info,
+            "source": source}
 
 
-def speed_cases(p: vp.Params, quick: bool) -> dict[str, list[dict[str, Any]]]:
-    """Speed-up / MAC reduction of every variant of the default model, DeiT-S and DeiT-B (DeiT-B skipped if quick)."""
-    cases = [("default", default_model(p), (1, 1, p.data.image_size, p.data.image_size), 9, 20)]
-    cases.append(("deit_small_224", timm.create_model("deit_small_patch16_224"), (1, 3, 224, 224), 7, 2))
-    if not quick:
-        cases.append(("deit_base_224", timm.create_model("deit_base_patch16_224"), (1, 3, 224, 224), 5, 1))
-    out = {}
-    for label, model, shape, rounds, repeats in cases:
-        dense, pruned, factorized = variants(model, p.sparse.sites)
-        out[f"pruning_{label}"] = speed_rows(dense, pruned, shape, (1, 8), threads=2, rounds=rounds, repeats=repeats)
-        out[f"factorized_{label}"] = speed_rows(pruned["pruned_40"], factorized, shape, (1, 8), threads=2,
-                                                rounds=rounds, repeats=repeats)
-    return out
+def export_rows(models: dict[str, torch.nn.Module], batch: int = 8) -> list[dict[str, Any]]:
+    """Latency in onnxruntime of each model's graph as exported, optimised by onnxruntime, and by its ViT
+    transformer optimizer, timed interleaved."""
+    x = torch.randn(batch, *SHAPE[1:]).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        runners = {}
+        for name, model in models.items():
+            for how in OPTIMIZERS:
+                session = onnx_session(export_onnx(model, Path(folder) / f"{name}_{how}.onnx", optimize=how), 2)
+                runners[(name, how)] = lambda s=session: s.run(["logits"], {"images": x})
+        r = interleaved_rounds(runners, rounds=6, repeats=1, warmup=1, threads=2)
+    return [{"model": name, "optimize": how, "batch": batch, "latency_ms": quiet_min(r, (name, how)),
+             "busy": r["busy"]} for name, how in runners]
 
 
 def break_even_rows(tokens: int) -> list[dict[str, Any]]:
-    """The measured break-even rank of DeiT-S and DeiT-B layer shapes against the parameter break-even."""
+    """The measured break-even rank of DeiT-S and DeiT-B layer shapes, in both runtimes, against the parameter
+    break-even mn/(m+n)."""
     rows = []
     for model, shapes in (("deit_small", DEIT_S_SHAPES), ("deit_base", DEIT_B_SHAPES)):
         for in_f, out_f in shapes:
             limit = in_f * out_f // (in_f + out_f)
-            measured = break_even_rank(in_f, out_f, tokens, threads=2)
-            rows.append({"model": model, "shape": f"{in_f}x{out_f}", "tokens": tokens, "param_break_even": limit,
-                         "measured_break_even": measured, "fraction": measured / limit})
+            for runtime in RUNTIMES:
+                measured = break_even_rank(in_f, out_f, tokens, threads=2, runtime=runtime)
+                rows.append({"model": model, "shape": f"{in_f}x{out_f}", "runtime": runtime, "tokens": tokens,
+                             "param_break_even": limit, "measured_break_even": measured, "fraction": measured / limit})
     return rows
 
 
@@ -161,108 +207,102 @@ def deit_b_svd_seconds() -> float:
     return time.perf_counter() - t0
 
 
+def default_model_rows(p: vp.Params) -> dict[str, Any]:
+    """Training throughput of the default model, the gates' overhead and its eval latency."""
+    dense = default_model(p)
+    shape = (1, 1, p.data.image_size, p.data.image_size)
+    steps = {"dense": training_step(p, gates=False), "gated": training_step(p, gates=True)}
+    train = interleaved_times(steps, rounds=8, repeats=5, warmup=3)
+    return {"params": vp.count_params(dense), "macs": vp.count_macs(dense, shape),
+            "train_img_per_s": 1000 * p.data.batch_size / train["dense"]["min_ms"],
+            "gate_overhead_pct": 100 * (train["gated"]["min_ms"] / train["dense"]["min_ms"] - 1),
+            "eval_latency_ms": vp.measure_latency(dense, shape, (1, 64), repeats=50, warmup=10, threads=2)}
+
+
+# Training steps of the default model on fixed random data, in a fresh process (MKL reads MKL_CBWR once, at start);
+# prints the seconds of the timed steps after a warm-up.
+MKL_STEPS = """
+import json, sys, time
+import torch
+from vitprune import build_model, load_params
+torch.set_num_threads(1)
+torch.manual_seed(0)
+p = load_params(sys.argv[1])
+model = build_model(p.model, 10, 1, p.data.image_size)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+size, batch = p.data.image_size, p.data.batch_size
+x, y = torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))
+def step():
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+for _ in range(5):
+    step()
+t0 = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    step()
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def mkl_compatible_cost(params_file: Path, rounds: int = 3, steps: int = 60) -> dict[str, Any]:
+    """What MKL's vendor-independent branch (MKL_CBWR=COMPATIBLE, the same floats on Intel and AMD) costs against the
+    study's pins: training steps of the default model (one thread, as the pipeline's workers), each setting in its
+    own process, the two interleaved over `rounds`; the ratio of the fastest of each."""
+    settings = {"pinned": PINNED_NUMERICS, "compatible": {**PINNED_NUMERICS, "MKL_CBWR": "COMPATIBLE"}}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    base = {k: v for k, v in os.environ.items() if k not in PINNED_NUMERICS}
+    for i in range(rounds):
+        for name in (list(settings) if i % 2 == 0 else list(settings)[::-1]):
+            out = subprocess.run([sys.executable, "-c", MKL_STEPS, str(params_file), str(steps)],
+                                 env={**base, **settings[name]}, capture_output=True, text=True, timeout=600,
+                                 check=True)
+            seconds[name].append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+    return {"cpu_vendor": cpu_vendor(), "steps": steps, "rounds": rounds, "pinned_s": min(seconds["pinned"]),
+            "compatible_s": min(seconds["compatible"]),
+            "compatible_over_pinned": min(seconds["compatible"]) / min(seconds["pinned"])}
+
+
 def run(out: Path, params_file: Path = ROOT / "params" / "default.yaml", quick: bool = False) -> dict[str, Any]:
     p = vp.load_params(params_file)
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {cpu_model()}, 2 torch threads, "
                                           f"{torch.backends.cpu.get_cpu_capability()} kernels",
-                               "torch": torch.__version__, "quick": quick}
+                               "torch": torch.__version__, "quick": quick, **peer_info()}
     with torch_threads(2):
-        dense = default_model(p)
-        shape = (1, 1, p.data.image_size, p.data.image_size)
-        steps = {"dense": training_step(p, gates=False), "gated": training_step(p, gates=True)}
-        train_times = interleaved_times(steps, rounds=7, repeats=5, warmup=3)
-        results["default_model"] = {
-            "params": vp.count_params(dense), "macs": vp.count_macs(dense, shape),
-            "train_img_per_s": 1000 * p.data.batch_size / train_times["dense"]["min_ms"],
-            "eval_latency_ms": vp.measure_latency(dense, shape, (1, 64), repeats=50, warmup=10, threads=2)}
-        results["gate_overhead_pct"] = 100 * (train_times["gated"]["min_ms"] / train_times["dense"]["min_ms"] - 1)
-        results.update(speed_cases(p, quick))
-        deit_s = timm.create_model("deit_small_patch16_224")
-        d, pruned, _ = variants(deit_s, p.sparse.sites)
-        results["profile_deit_small_pruned_40"] = profile_rows(d, pruned["pruned_40"], (8, 3, 224, 224))
-        results["break_even"] = break_even_rows(8 * tokens_per_image(deit_s))
+        results["default_model"] = default_model_rows(p)
+        deit = deit_small_variants()
+        results["equal_macs_deit_small"] = deit["equal_macs"]
+        rounds, repeats = (4, 1) if quick else (8, 2)
+        results["pruning_deit_small"] = speed_rows(deit["dense"], deit["pruned"], SHAPE, (1, 8), RUNTIMES, 2,
+                                                   rounds, repeats)
+        results["factorized_deit_small"] = speed_rows(deit["source"], deit["factorized"], SHAPE, (1, 8), RUNTIMES, 2,
+                                                      rounds, repeats)
+        results["export_deit_small"] = export_rows({"dense": deit["dense"], "vitprune_40": deit["source"]})
+        results["profile_deit_small_pruned_40"] = profile_rows(deit["dense"], deit["source"], (8, *SHAPE[1:]))
+        results["break_even"] = break_even_rows(8 * tokens_per_image(deit["dense"]))
         results["algorithms_deit_b"] = algorithm_rows(repeats=1 if quick else 3)
         results["deit_b_svd_all_48_s"] = deit_b_svd_seconds()
+    results["mkl_compatible"] = mkl_compatible_cost(params_file, rounds=2 if quick else 3)
+    findings = ROOT / "figures" / p.name / "findings.json"
+    results["default_speed_claims"] = [f for f in json.loads(findings.read_text()) if f.get("kind") == "speed"] \
+        if findings.is_file() else []
     timing = ROOT / "runs" / p.name / "pipeline_timing.json"
     if timing.is_file():
         results["pipeline"] = json.loads(timing.read_text())
     results["goals"] = goal_rows(results)
     write_json(out, results)
-    out.with_suffix(".md").write_text(summary_markdown(results))
+    write_text(out.with_suffix(".md"), summary_markdown(results))
     readme = ROOT / "README.md"
     text = replace_block(readme.read_text(), "bench", readme_summary(results)) if readme.is_file() else None
     if text is not None and out.resolve().parent == (ROOT / "benchmarks").resolve():
-        readme.write_text(text)
+        write_text(readme, text)
     return results
-
-
-def readme_summary(r: dict[str, Any]) -> str:
-    """The README's bench block: the goals, hit or missed, and where the pruned model's time goes."""
-    d = r["default_model"]
-    goals = pd.DataFrame(r["goals"]).round(3)
-    prof = pd.DataFrame(r["profile_deit_small_pruned_40"]).round(2)
-    be = pd.DataFrame(r["break_even"])
-    lines = [f"*Generated by `make bench` on {r['machine']} (torch {r['torch']}); full tables in "
-             "`benchmarks/results.md`. Do not edit by hand.*", "",
-             f"- Default model: training {d['train_img_per_s']:.0f} img/s; eval {d['eval_latency_ms'][1]:.2f} ms "
-             f"(batch 1), {d['eval_latency_ms'][64]:.2f} ms (batch 64); VTP gates cost "
-             f"{r['gate_overhead_pct']:.1f} % of a training step.",
-             f"- SVD of all 48 DeiT-B projections: {r['deit_b_svd_all_48_s']:.1f} s.",
-             f"- Measured break-even rank (two matmuls faster than one) at {int(be.tokens.iloc[0])} tokens: "
-             f"{be.fraction.min():.2f}-{be.fraction.max():.2f} of the parameter break-even mn/(m+n).", "",
-             "Goals on DeiT-S (speed-up / MAC reduction, worst of batch 1 and 8):", "", markdown_table(goals),
-             "Where the time goes in the 40 %-pruned DeiT-S (torch.profiler, self CPU ms per batch-8 forward):", "",
-             markdown_table(prof)]
-    return "\n".join(lines)
-
-
-def goal_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each DeiT-S goal (speed-up / MAC reduction, both runtimes): the worst case measured, hit or missed."""
-    rows = []
-    for kind, key in (("pruned", "pruning_deit_small_224"), ("factorized", "factorized_deit_small_224")):
-        frame = pd.DataFrame(r[key])
-        for (variant, runtime), group in frame.groupby(["variant", "runtime"], sort=False):
-            worst = float(group["speedup_over_macs"].min())
-            rows.append({"kind": kind, "variant": variant, "runtime": runtime, "worst_over_batch_1_8": worst,
-                         "goal": GOALS[kind], "verdict": "hit" if worst >= GOALS[kind] else "missed"})
-    return rows
-
-
-def summary_markdown(r: dict[str, Any]) -> str:
-    d = r["default_model"]
-    lines = [f"# Benchmark results ({r['machine']}, torch {r['torch']})", "",
-             "Method: `vitprune.speed.interleaved_times` - 2 threads, warm-up, dense and variants interleaved "
-             "(order reversed every other round), minimum over rounds; speed-up / MAC reduction = 1.0 when latency "
-             "falls exactly as MACs do.", "",
-             f"- default model: {d['params']:,} params, {d['macs'] / 1e6:.2f} M MACs; training "
-             f"{d['train_img_per_s']:.0f} img/s; eval latency {d['eval_latency_ms'][1]:.2f} ms (batch 1), "
-             f"{d['eval_latency_ms'][64]:.2f} ms (batch 64)",
-             f"- VTP gates: training-step overhead {r['gate_overhead_pct']:.1f} %",
-             f"- SVD of all 48 DeiT-B projections: {r['deit_b_svd_all_48_s']:.1f} s"]
-    if "pipeline" in r:
-        stages = ", ".join(f"{name} {entry['seconds']:.0f} s" for name, entry in r["pipeline"]["stages"].items()
-                           if "seconds" in entry)
-        total = r["pipeline"]["total_seconds"]
-        lines.append(f"- `make reproduce` pipeline (after install, from scratch): {total:.0f} s ({stages})")
-    lines += ["", "## Goals on DeiT-S (worst of batch 1 and 8)", "", markdown_table(pd.DataFrame(r["goals"]).round(3))]
-    cols = ["variant", "runtime", "batch", "macs_reduction_x", "latency_ms", "speedup_x", "speedup_over_macs"]
-    for key in (k for k in r if k.startswith(("pruning_", "factorized_"))):
-        title = key.replace("_", " ", 1)
-        lines += ["", f"## {title}: speed-up / MAC reduction", "", markdown_table(pd.DataFrame(r[key])[cols].round(3))]
-    lines += ["", "## Break-even rank per layer shape (two matmuls faster than one below it)", "",
-              markdown_table(pd.DataFrame(r["break_even"]).round(3)),
-              "", "## Where the time goes: pruned 40 % DeiT-S, batch 8 (torch.profiler, self CPU ms per forward)", "",
-              markdown_table(pd.DataFrame(r["profile_deit_small_pruned_40"]).round(2))]
-    algo = pd.DataFrame(r["algorithms_deit_b"]).pivot(index="algorithm", columns="shape", values="ratio_to_lapack")
-    lines += ["", "## Algorithms on DeiT-B layer shapes: time / LAPACK QR", "",
-              markdown_table(algo.round(1).reset_index())]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
-    parser.add_argument("--quick", action="store_true", help="skip DeiT-B speed cases, fewer algorithm repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer timing rounds and algorithm repeats")
     args = parser.parse_args()
     results = run(args.out, quick=args.quick)
     print(summary_markdown(results))

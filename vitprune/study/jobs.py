@@ -3,8 +3,8 @@ on the test set, and the names of the files a job writes.
 
 A job takes the parameter set of one seed (`train.seed` set, see `Stage.seed_params`) and that seed's folder
 runs/<set>/seed<k>/, reads what earlier stages wrote there and writes its own files there, so no two seeds
-share a model, a score, a calibration batch or a random draw. It returns a `SeedRecord`. Latency is measured
-only where `timed` is set (the first seed, while nothing runs beside it), never inside a pool.
+share a model, a score, a calibration batch or a random draw. It returns a `SeedRecord`. Nothing is timed
+here: jobs run side by side in worker processes, and latency is measured by stage 09 alone on the machine.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from vitprune.data import DataBundle, calibration_batches, load_data, test_batches
+from vitprune.layers import make_prunable
 from vitprune.metrics import count_macs, count_params, evaluate
 from vitprune.params import Params
-from vitprune.speed import measure_latency
 from vitprune.study.records import Measured
 from vitprune.study.stats import encode_answers
 
@@ -41,17 +41,16 @@ def input_shape(bundle: DataBundle) -> tuple[int, int, int, int]:
     return (1, bundle.in_chans, bundle.image_size, bundle.image_size)
 
 
-def measured(model: nn.Module, p: Params, timed: bool = False) -> Measured:
-    """Test accuracy with the per-image answers, params and MACs; measured latency when `timed`."""
+def measured(model: nn.Module, p: Params) -> Measured:
+    """Test accuracy with the per-image answers, params and MACs (latency is timed in one session, by stage 09).
+    Every model is evaluated through vitprune's attention (`make_prunable`, in place: the same function), so dense
+    and compressed models take the same kernels for the same shapes."""
     bundle = bundle_of(p)
+    make_prunable(model)
     acc = evaluate(model, test_batches(bundle, p.data.eval_batch_size), answers=True)
-    latency = {}
-    if timed:
-        b = p.bench
-        latency = measure_latency(model, input_shape(bundle), b.batch_sizes, b.repeats, b.warmup, b.threads)
     return Measured(top1=acc["top1"], top5=acc["top5"], params_M=count_params(model) / 1e6,
                     macs_M=count_macs(model, input_shape(bundle)) / 1e6,
-                    answers=encode_answers(acc["answers"].tolist()), latency_ms=latency)
+                    answers=encode_answers(acc["answers"].tolist()))
 
 
 def owned(seed_dir: str | Path, *names: str) -> list[str]:

@@ -19,7 +19,6 @@ import html
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -28,11 +27,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from vitprune.checkpoint import write_json, write_text
+from vitprune.checkpoint import read_json_mapping, write_json, write_text
 from vitprune.errors import MissingStageError, ParamsError, RunLocked, StageFailed
 from vitprune.params import load_params
 from vitprune.progress import ENV as PROGRESS_ENV
 from vitprune.progress import latest
+from vitprune.study.kernel import kernel_name
 from vitprune.study.records import read_record
 from vitprune.study.stage import declared_values, file_digest
 from vitprune.study.stages import STAGES
@@ -70,22 +70,6 @@ def smoke_overrides(params_file: str | Path) -> dict[str, Any]:
             # factorizing proj alone reaches 95 % of the parameters, not a pruning ratio's (those strategies drop out)
             "budget.prune_ratios": [p.budget.finetune_ratio], "budget.rank_ratios": [0.25, 0.5], "budget.share": 0.95,
             "seeds": p.seeds[:2]}  # two chains at most: the per-seed plumbing and the findings, in seconds
-
-
-def _kernel_name() -> str:
-    """A kernel spec for this very interpreter (works inside .venv and conda alike)."""
-    digest = hashlib.sha1(sys.executable.encode()).hexdigest()[:8]
-    name = f"vitprune-{digest}"
-    root = Path(os.environ.get("VITPRUNE_KERNEL_DIR", Path.home() / ".cache" / "vitprune" / "jupyter"))
-    spec_dir = root / "kernels" / name
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": f"vitprune ({sys.executable})", "language": "python"}
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    paths = os.environ.get("JUPYTER_PATH", "")
-    if str(root) not in paths.split(os.pathsep):
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(root), paths) if p)
-    return name
 
 
 def library_dir() -> Path:
@@ -229,6 +213,9 @@ def run_lock(run_dir: Path):
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".lock"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise RunLocked(f"'{path}' is not a plain file (a folder or a link); remove it: vitprune keeps the run's lock "
+                        "there")
     fh = open(path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -253,7 +240,10 @@ def clear_run(run_dir: Path) -> None:
     for path in run_dir.iterdir():
         if path.name == ".lock":
             continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()  # a file, or a link: the link goes, never what it points to
 
 
 @contextmanager
@@ -311,6 +301,9 @@ def reproduce(params_file: str | Path, overrides: dict[str, Any] | None = None, 
     overrides = {**(smoke_overrides(params_file) if smoke else {}), **(overrides or {})}
     p = load_params(params_file, overrides)  # validates before anything runs
     selected = _select(only, start)
+    for flag, root in (("--runs-root", runs_root), ("--figures-root", figures_root)):
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ParamsError(f"{flag} '{root}' is a file; give a folder (it is created if missing)")
     run_dir = Path(runs_root) / p.name
     with run_lock(run_dir):
         if force:
@@ -345,8 +338,8 @@ def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures
     nb_dir = run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "stages.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    kernel = _kernel_name()
+    state = _cache_state(state_path)
+    kernel = kernel_name()
     timing: dict[str, Any] = {"params": str(params_file), "smoke": smoke, "stages": {}}
     t_start = time.perf_counter()
     bar = tqdm(selected, desc=f"reproduce {p.name}", unit="stage")
@@ -363,11 +356,14 @@ def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures
             with progress_line(bar, run_dir, stage):
                 pm.execute_notebook(str(notebooks_dir() / f"{stage}.ipynb"), str(out_nb), kernel_name=kernel,
                                     parameters={"params_file": str(params_file), "overrides": overrides,
-                                                "runs_root": str(runs_root), "figures_root": str(figures_root)},
+                                                "runs_root": str(runs_root), "figures_root": str(figures_root),
+                                                **_batch_only(notebooks_dir() / f"{stage}.ipynb")},
                                     progress_bar=False, cwd=str(Path.cwd()))
         except pm.PapermillExecutionError as err:
             state.pop(stage, None)
             write_json(state_path, state)
+            if err.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too
+                raise KeyboardInterrupt from None
             raise StageFailed(f"stage {stage} failed: notebook notebooks/{stage}.ipynb, cell {err.cell_index} "
                               f"(execution count {err.exec_count}): {err.ename}: {err.evalue}; executed notebook "
                               f"kept at {out_nb}") from None
@@ -376,6 +372,21 @@ def _run_stages(p, params_file, overrides, selected, run_dir, runs_root, figures
         timing["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1)}
     timing["total_seconds"] = round(time.perf_counter() - t_start, 1)
     return timing
+
+
+def _cache_state(path: Path) -> dict[str, str]:
+    """{stage: hash of what it ran from}; a missing, truncated or foreign stages.json is no cache (all stages run)."""
+    return read_json_mapping(path, str)
+
+
+def _batch_only(notebook: Path) -> dict[str, Any]:
+    """{"interactive": False} for a notebook whose parameters cell offers an interactive view (a batch run draws
+    it once, statically); nothing for the others."""
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    declared = any("parameters" in c.metadata.get("tags", []) and "interactive" in c.source for c in cells)
+    return {"interactive": False} if declared else {}
 
 
 def _summary(run_dir: Path, stage: str) -> str | None:

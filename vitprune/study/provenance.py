@@ -8,8 +8,12 @@ GEMM, oneDNN's convolution). On a CPU with AVX-512 they take other summation ord
 only, the last bits of every result differ, and over 60 epochs the training chains diverge as if they had
 another seed. `pin_numerics` asks all three libraries for their AVX2 code paths (every x86-64 server of the
 last ten years has them), so the same seeds give the same numbers with and without AVX-512 (MKL
-promises its AVX2 branch on Intel CPUs only; on AMD it takes its AUTO reproducibility branch). A variable already set
-wins (e.g. ATEN_CPU_CAPABILITY=avx512 for native speed).
+promises its AVX2 branch on Intel CPUs only; on AMD it takes its AUTO reproducibility branch, which
+`mkl_branch` records). A variable already set wins (e.g. ATEN_CPU_CAPABILITY=avx512 for native speed).
+
+MKL_CBWR=COMPATIBLE would give one branch on every x86 CPU, vendor-independent floats; measured here it
+made a training step 1.6-1.9x slower (`make bench` and the README), above the 1.3x the project accepts,
+so Intel against AMD is left to the seeds, intervals and the verdicts' robustness (`stats.can_move`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import subprocess
+import sys
 import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -54,14 +60,34 @@ def numerics() -> dict[str, str]:
     return {"cpu_capability": capability, **{name: os.environ.get(name, "unset") for name in PINNED_NUMERICS}}
 
 
+def mkl_branch() -> dict[str, str]:
+    """MKL's version and the conditional-numerical-reproducibility branch its GEMM takes here (MKL_VERBOSE of one
+    small matmul, in a child process with this process's variables): 'AVX2,STRICT' on Intel under the pins,
+    'AUTO,STRICT' on AMD, where MKL keeps its own choice."""
+    code = "import torch; torch.mm(torch.ones(8, 8), torch.ones(8, 8))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MKL_VERBOSE": "1"}, capture_output=True,
+                             text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"mkl": "unknown", "mkl_cnr_branch": "unknown"}
+    text = out.stdout + out.stderr
+    version, branch = re.search(r"MKL_VERBOSE (.*?) Product build", text), re.search(r"CNR:(\S+)", text)
+    return {"mkl": version.group(1) if version else "not used", "mkl_cnr_branch": branch.group(1) if branch else
+            "not used"}
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...) from /proc/cpuinfo; '' where unknown."""
+    from vitprune.speed import cpu_field  # here, not at the top: pin_numerics must be importable before torch
+
+    return cpu_field("vendor_id")
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    from vitprune.speed import cpu_field
+
+    return cpu_field("model name") or platform.processor() or platform.machine()
 
 
 def git_commit(folder: Path) -> str:
@@ -86,8 +112,8 @@ def environment(params_file: str | Path | None) -> dict[str, Any]:
     project = Path(__file__).resolve().parents[2]
     params = Path(params_file) if params_file else None
     return {
-        "cpu": cpu_model(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
-        **numerics(),
+        "cpu": cpu_model(), "cpu_vendor": cpu_vendor(), "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(), **numerics(), **mkl_branch(),
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
         "numpy": numpy.__version__, "git_commit": git_commit(project),
         "params_file": str(params) if params else None,

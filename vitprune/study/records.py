@@ -57,6 +57,7 @@ class SeedRecord:
     models: dict[str, Measured] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # rows naming their model by "label"
     files: list[str] = field(default_factory=list)  # written into the run folder (relative paths)
+    saved: dict[str, str] = field(default_factory=dict)  # label -> the file in the seed folder holding that model
     skipped: dict[str, str] = field(default_factory=dict)  # label -> why the model was not built
     finetune: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {"file", "method"}: offered
     extra: dict[str, Any] = field(default_factory=dict)  # anything else the stage's figures need
@@ -64,6 +65,12 @@ class SeedRecord:
     def measure(self, label: str, measured: Measured) -> str:
         self.models[label] = measured
         return label
+
+    def save(self, seed_dir: str | Path, label: str, filename: str) -> str:
+        """Note that `label`'s model is in `filename` of the seed folder (the file is the job's to write)."""
+        self.saved[label] = filename
+        self.files.append(f"{Path(seed_dir).name}/{filename}")
+        return filename
 
 
 @dataclass
@@ -89,6 +96,14 @@ class StageRecord:
             known = ", ".join(sorted(record.models)) or "none"
             raise UnknownModel(f"{self.stage} recorded no model '{label}' for seed {seed}; it recorded: {known}")
         return record.models[label]
+
+    def model_file(self, label: str, seed: int) -> str:
+        """The file (in the seed's folder) that holds model `label`; UnknownModel if this stage saved none."""
+        saved = self.seeds[seed].saved if seed in self.seeds else {}
+        if label not in saved:
+            raise UnknownModel(f"{self.stage} saved no model '{label}' for seed {seed}; it saved: "
+                               f"{', '.join(sorted(saved)) or 'none'}")
+        return saved[label]
 
     def skipped(self, label: str) -> str | None:
         """Why the stage did not build `label` (on any seed), or None."""

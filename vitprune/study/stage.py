@@ -81,8 +81,8 @@ class Stage:
 
     def __init__(self, name: str, params_file: str, overrides: dict[str, Any] | None = None,
                  runs_root: str | Path = "runs", figures_root: str | Path = "figures"):
+        from vitprune.study.figures import use_style
         from vitprune.study.provenance import pin_numerics
-        from vitprune.study.reporting import use_style
 
         self.entry = STAGES[name]
         pin_numerics()  # before the notebook's first tensor operation; the stage's workers inherit it
@@ -124,20 +124,8 @@ class Stage:
         train = dataclasses.replace(self.p.train, seed=seed, progress=self.p.train.progress and not quiet)
         return dataclasses.replace(self.p, train=train)
 
-    def each_seed(self, fn, *args, time_first: bool = False) -> dict[int, SeedRecord]:
-        """fn(seed params, seed folder, *args) for every seed: side by side in worker processes, or with
-        `time_first` in this process one after another, passing timed=True to the first seed only (latency is
-        never measured beside other work)."""
-        if time_first:
-            import torch
-
-            if self.p.train.threads:
-                torch.set_num_threads(self.p.train.threads)  # the same thread count as a worker process
-            results = {}
-            for i, seed in enumerate(self.seeds):
-                self.progress(f"seed {seed} ({i + 1}/{len(self.seeds)})")
-                results[seed] = fn(self.seed_params(seed), self.seed_dir(seed), *args, timed=i == 0)
-            return results
+    def each_seed(self, fn, *args) -> dict[int, SeedRecord]:
+        """fn(seed params, seed folder, *args) for every seed, side by side in worker processes."""
         return dict(zip(self.seeds, self.run_jobs(fn, [(seed, *args) for seed in self.seeds], "seeds")))
 
     def run_jobs(self, fn, jobs: list[tuple], label: str = "jobs") -> list[Any]:
@@ -184,12 +172,15 @@ class Stage:
     # ------------------------------------------------------------ outputs
 
     def save_figure(self, fig, name: str, caption: str = "") -> None:
-        """Stage `name`.png/.pdf for figures/<set>/, show the figure as this cell's output, and close it."""
+        """Stage `name`.png/.pdf for figures/<set>/, note what it shows (runs/<set>/figure_audit/, for the tests),
+        show the figure as this cell's output, and close it."""
         import matplotlib.pyplot as plt
 
+        from vitprune.study.figures import audit
         from vitprune.study.reporting import save_figure
 
         save_figure(fig, self.staging / name)
+        write_json(self.run_dir / "figure_audit" / f"{name}.json", {"stage": self.name, "axes": audit(fig)})
         self.captions[name] = caption
         _display(fig)
         plt.close(fig)

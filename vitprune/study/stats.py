@@ -92,6 +92,41 @@ def claim(statement: str, correct_a: Any, correct_b: Any, threshold: float = 0.0
             "margin": margin, **result, "detectable": detectable(low, high), "can_move": can_move(low, high, threshold)}
 
 
+def paired_speedup(source_ms: Sequence[float], variant_ms: Sequence[float], resamples: int = 10_000,
+                   level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Speed-up of a variant over its source (source time / variant time) from interleaved timing rounds: the
+    geometric mean of the per-round ratios, with a bootstrap interval that resamples rounds, each round's two
+    timings together (paired: they shared the machine's state)."""
+    logs = np.log(np.asarray(source_ms, dtype=np.float64) / np.asarray(variant_ms, dtype=np.float64))
+    if logs.ndim != 1 or len(logs) < 2:
+        raise ValueError(f"paired speed-up needs at least two rounds of both models, got {len(logs)}")
+    rng = np.random.default_rng(seed)
+    boot = logs[rng.integers(0, len(logs), size=(resamples, len(logs)))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(boot, [tail, 1 - tail])
+    return {"speedup": float(np.exp(logs.mean())), "low": float(np.exp(low)), "high": float(np.exp(high)),
+            "level": level, "rounds": len(logs)}
+
+
+def speed_claim(statement: str, source_ms: Sequence[float], variant_ms: Sequence[float], margin: float | None = None,
+                disturbed: Sequence[bool] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """A checked claim "the variant is faster than its source": the speed-up with its interval over the quiet
+    rounds, and the verdict — equivalent (the same speed) where the interval lies inside 1 ± margin, read first:
+    even two identical models differ by a few per cent in interleaved timing on a shared machine, so a difference
+    that small is not resolved; else holds above 1, reversed below (on a log scale, so 5 % faster and 5 % slower
+    are equally far from the same speed)."""
+    keep = [not bad for bad in (disturbed or [False] * len(source_ms))]
+    if sum(keep) < 2:
+        keep = [True] * len(source_ms)
+    result = paired_speedup([s for s, k in zip(source_ms, keep) if k], [v for v, k in zip(variant_ms, keep) if k],
+                            **kwargs)
+    low, high = math.log(result["low"]), math.log(result["high"])
+    inside = margin is not None and -math.log1p(margin) <= low and high <= math.log1p(margin)
+    return {"statement": statement, "verdict": EQUIVALENT if inside else verdict(low, high),
+            "threshold": 1.0, "margin": margin, **result, "can_move": can_move(low, high, 0.0),
+            "detectable": math.expm1(detectable(low, high))}
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean, sample standard deviation (0 for one value) and count."""
     arr = np.asarray(values, dtype=np.float64)

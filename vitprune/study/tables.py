@@ -32,10 +32,10 @@ def with_finetuned(tuned: pd.DataFrame, df: pd.DataFrame, key: str = "variant") 
 
 
 def before_after(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    """top1 and top1_ft of a per-seed frame as one `top1` column with `when` = before / after fine-tuning."""
+    """top1 and top1_ft of a per-seed frame as one `top1_when` column with `when` = before / after fine-tuning."""
     named = frame[["seed", key, "top1", "top1_ft"]].rename(columns={"top1": "before fine-tuning",
                                                                    "top1_ft": "after fine-tuning"})
-    return named.melt(id_vars=["seed", key], var_name="when", value_name="top1")
+    return named.melt(id_vars=["seed", key], var_name="when", value_name="top1_when")
 
 
 def latency_columns(frame: pd.DataFrame | dict[str, Any]) -> list[str]:

@@ -10,6 +10,9 @@ numbers are the same whether it ran alone, in a pool, or inline.
 from __future__ import annotations
 
 import os
+import threading
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -20,15 +23,49 @@ from tqdm.auto import tqdm
 from vitprune.params import Params
 from vitprune.registry import import_plugins
 
+WORKER_BYTES = 1_500_000_000  # what one worker may take: torch, timm and the data imported, a small model training
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_limit(threads: int | None) -> tuple[int, str]:
+    """The most workers this machine can run: twice its cores over the threads per job (more only queue for the
+    cores), and what its free memory holds at WORKER_BYTES each; with the reason, for the message."""
+    import psutil
+
+    by_cores = max(1, 2 * _cores() // (threads or _cores()))
+    by_memory = max(1, psutil.virtual_memory().available // WORKER_BYTES)
+    if by_memory < by_cores:
+        return by_memory, f"{psutil.virtual_memory().available / 1e9:.1f} GB free at {WORKER_BYTES / 1e9:g} GB each"
+    return by_cores, f"2 x {_cores()} cores / {threads or _cores()} threads per job"
+
 
 def default_workers(p: Params) -> int:
-    """Processes for this parameter set: `workers` if given, else CPU cores / threads per job (1 on GPU)."""
+    """Processes for this parameter set: `workers` if given (capped by `worker_limit`, with a message), else CPU
+    cores / threads per job (1 on GPU)."""
     if p.workers is not None:
-        return p.workers
+        limit, why = worker_limit(p.train.threads)
+        if p.workers > limit:
+            warnings.warn(f"workers={p.workers} capped at {limit} ({why})", stacklevel=2)
+        return min(p.workers, limit)
     if p.train.device.startswith("cuda") or (p.train.device == "auto" and _cuda_available()):
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // (p.train.threads or cores))
+    return max(1, _cores() // (p.train.threads or _cores()))
+
+
+def die_with_parent(interval: float = 0.5) -> None:
+    """End this process soon after the one that started it ends, however it ends (kill -9 included): a worker or
+    kernel left behind would go on writing into a run folder whose lock is already released."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)  # orphaned: nothing of ours is half-written (every file is written atomically)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _cuda_available() -> bool:
@@ -37,8 +74,11 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _start_worker(threads: int | None, plugins: Sequence[str] = ()) -> None:
+def _start_worker(threads: int | None, plugins: Sequence[str] = (), pool: bool = False) -> None:
     import torch
+
+    if pool:
+        die_with_parent()
 
     if threads:
         torch.set_num_threads(threads)
@@ -60,10 +100,10 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, thread
             if on_done:
                 on_done(i + 1, len(jobs))
         return results
-    if len(jobs) < 2 * workers:
-        workers = len(jobs)  # one round, cores shared, rather than a second round on one core while others idle
+    if len(jobs) < 2 * workers:  # one round, cores shared, rather than a second round on one core while others idle
+        workers = min(len(jobs), worker_limit(threads)[0])
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"), initializer=_start_worker,
-                             initargs=(threads, tuple(plugins))) as pool:
+                             initargs=(threads, tuple(plugins), True)) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         pending, finished = set(futures), 0
         with tqdm(total=len(jobs), desc=label, leave=False) as bar:

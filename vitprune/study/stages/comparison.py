@@ -1,5 +1,11 @@
 """Stage 09 · comparison: the papers' tables and figures from every earlier stage's record, and every claim the
-stage modules declare, checked."""
+stage modules declare, checked — accuracy claims from the records, speed claims from one timing session.
+
+The timing session is the study's only timing: the first seed's models that the speed claims name (each
+distinct model file once), interleaved in this process with nothing else running, at every bench batch
+size (`speed.interleaved_rounds`: calibration workload and machine load watched). The tables' latency
+columns, the accuracy-vs-latency figure and the speed claims all come from it, so they cannot disagree.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +14,89 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from vitprune.study.findings import Claim, margin_for, verdict_words
+from vitprune.checkpoint import load_model
+from vitprune.layers import make_prunable
+from vitprune.speed import interleaved_rounds, quiet_min, round_plan, torch_runner
+from vitprune.study.findings import Claim, SpeedClaim, margin_for, verdict_words
+from vitprune.study.jobs import input_shape
 from vitprune.study.narrative import means, pct
-from vitprune.study.records import Measured, StageRecord
+from vitprune.study.records import StageRecord
+from vitprune.study.stage import file_digest
 from vitprune.study.stages import STAGES
 from vitprune.study.tables import latency_columns, with_finetuned
 
 
-def all_claims(p: Any) -> list[Claim]:
-    """The claims of every stage module that declares some (`claims(p)`), in pipeline order, each module once, with
-    the equivalence margin the parameter set declares for their group."""
+def all_claims(p: Any, kind: str = "claims") -> list[Claim | SpeedClaim]:
+    """The claims of every stage module that declares some (`claims(p)`, or `speed_claims(p)` for kind
+    "speed_claims"), in pipeline order, each module once, with the equivalence margin the parameter set declares
+    for their group."""
     modules = list(dict.fromkeys(entry.module for entry in STAGES))
     found = []
     for module in modules:
         loaded = next(e for e in STAGES if e.module == module).load()
-        if hasattr(loaded, "claims"):
-            found += loaded.claims(p)
-    return [c if c.margin is not None else dataclasses.replace(c, margin=margin_for(p, c.group)) for c in found]
+        if hasattr(loaded, kind):
+            found += getattr(loaded, kind)(p)
+    return [c if c.margin is not None else
+            dataclasses.replace(c, margin=margin_for(p, c.group, speed=isinstance(c, SpeedClaim))) for c in found]
 
 
-def dense_frame(record: StageRecord, timed: Measured, first_seed: int) -> pd.DataFrame:
-    """Every seed's dense model, with the latency of `timed` (the first seed's dense model, timed alone) on the
-    first seed's row."""
-    dense = record.models_frame(["dense"])
-    columns = timed.columns()
-    for column in latency_columns(columns):
-        dense[column] = [columns[column] if seed == first_seed else np.nan for seed in dense["seed"]]
-    return dense
+def timing_session(stage: Any, records: dict[str, StageRecord], claims: list[SpeedClaim]) -> dict[int, dict[str, Any]]:
+    """Per bench batch size, the interleaved rounds of the first seed's models that `claims` name (keyed by label;
+    models in byte-identical files are timed once and share their rounds)."""
+    first, b = stage.seeds[0], stage.p.bench
+    files = {}
+    for ref in dict.fromkeys(ref for c in claims for ref in (c.b, c.a)):
+        if records[ref.stage].skipped(ref.label) is None:  # a model its stage did not build: the claim is unchecked
+            files[ref.label] = stage.seed_dir(first) / records[ref.stage].model_file(ref.label, first)
+    distinct = {}
+    for name, path in files.items():
+        distinct.setdefault(file_digest(path), []).append(name)
+    # every model through vitprune's attention (the dense one too: the same function, the same kernel choice)
+    models = {names[0]: make_prunable(load_model(files[names[0]])) for names in distinct.values()}
+    rounds, repeats = round_plan(b.repeats)
+    session = {}
+    for bs in b.batch_sizes:
+        x = torch.randn((bs, *input_shape(stage.bundle)[1:]), generator=torch.Generator().manual_seed(bs))
+        timed = interleaved_rounds({name: torch_runner(m, x) for name, m in models.items()}, rounds, repeats,
+                                   b.warmup, b.threads)
+        timed["ms"] = {name: timed["ms"][names[0]] for names in distinct.values() for name in names}
+        session[bs] = timed
+    return session
+
+
+def timing_note(session: dict[int, dict[str, Any]]) -> str:
+    """What the timing session did and whether the machine was quiet, in two sentences."""
+    if not session:
+        return "No speed claim names a model, so nothing was timed."
+    any_rounds = next(iter(session.values()))
+    parts = [f"batch {bs}: foreign load {100 * (r['foreign_load'] or 0):.1f} %, {sum(r['disturbed'])} of "
+             f"{len(r['disturbed'])} rounds disturbed" + (" — **busy: not recorded**" if r["busy"] else "")
+             for bs, r in session.items()]
+    return (f"Timed {len(set(map(tuple, any_rounds['ms'].values())))} distinct models of the first seed, interleaved "
+            f"over {len(any_rounds['disturbed'])} rounds per batch size; " + "; ".join(parts) + ".")
+
+
+def latency_frame(session: dict[int, dict[str, Any]], seed: int) -> pd.DataFrame:
+    """One row per timed model (of `seed`): its latency at every batch size, the quiet minimum over rounds; NaN
+    where the machine was busy (never recorded as a result)."""
+    labels = next(iter(session.values()))["ms"] if session else {}
+    return pd.DataFrame([{"seed": seed, "label": label,
+                          **{f"latency_bs{bs}_ms": np.nan if r["busy"] else quiet_min(r, label)
+                             for bs, r in session.items()}} for label in labels])
+
+
+def with_latency(frame: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with the latency columns of its models (by seed and label; the timed seed's rows only)."""
+    return frame.merge(latency, on=["seed", "label"], how="left") if not latency.empty else frame
+
+
+def speed_columns(frame: pd.DataFrame, speed: list[dict[str, Any]], batch: int) -> pd.DataFrame:
+    """`frame` with each model's measured speed-up over its source at `batch` and the claim's verdict."""
+    at = {f["a"].split(":", 1)[1]: f for f in speed if f["batch"] == batch}
+    return frame.assign(speedup_vs_source_x=frame["label"].map(lambda x: at[x]["speedup"] if x in at else np.nan),
+                        faster_than_source=frame["label"].map(lambda x: verdict_words(at[x]) if x in at else "–"))
 
 
 def decomposition_frame(records: dict[str, StageRecord]) -> pd.DataFrame:

@@ -21,12 +21,12 @@ from torch import nn
 from vitprune import linalg
 from vitprune.calibration import calibration_statistics
 from vitprune.checkpoint import load_model, save_model
-from vitprune.decompose import decompose_model, decomposition_report, factorize, target_linears
+from vitprune.decompose import decompose_model, decomposition_report, densify, factorize, rank_decisions, target_linears
+from vitprune.layers import FactorizedLinear
 from vitprune.params import Params
 from vitprune.registry import DECOMPOSITIONS
-from vitprune.speed import interleaved_times, round_plan, torch_runner
-from vitprune.study.findings import WHEN, Claim
-from vitprune.study.jobs import bundle_of, calibration_of, input_shape, measured, owned
+from vitprune.study.findings import WHEN, Claim, SpeedClaim
+from vitprune.study.jobs import calibration_of, measured
 from vitprune.study.narrative import means, pct
 from vitprune.study.records import ModelRef, SeedRecord, table_frame
 from vitprune.study.stages import STAGES
@@ -35,8 +35,8 @@ from vitprune.study.stages.pruning import variant_name
 from vitprune.study.tables import with_finetuned
 
 # the columns of a sweep in which decompose.methods has no method of the stage's family
-EMPTY_SWEEP = ["seed", "label", "method", "rank_ratio", "variant", "layers_factorized", "rel_error", "decompose_time_s",
-               "top1", "top5", "params_M", "macs_M"]
+EMPTY_SWEEP = ["seed", "label", "method", "rank_ratio", "factorized", "variant", "layers_factorized", "rel_error",
+               "decompose_time_s", "top1", "top5", "params_M", "macs_M"]
 
 
 def stage_of(method: str) -> str:
@@ -63,50 +63,77 @@ def methods_of(p: Params, family: str) -> list[str]:
     return [m for m in DECOMPOSITIONS.names(family=family) if m in p.decompose.methods]
 
 
-def speedup(p: Params, source: nn.Module, model: nn.Module) -> dict[str, Any]:
-    """Latency speed-up of `model` over `source` at the largest bench batch, timed interleaved."""
-    b = p.bench
-    x = torch.randn((max(b.batch_sizes), *input_shape(bundle_of(p))[1:]))
-    times = interleaved_times({"ref": torch_runner(source, x), "new": torch_runner(model, x)},
-                              *round_plan(b.repeats), b.warmup, b.threads)
-    ratio = times["ref"]["min_ms"] / times["new"]["min_ms"]
-    return {"speedup_vs_source_x": ratio, "faster_than_source": ratio > 1.0}
+def source_label(p: Params) -> str:
+    """The pruned model the decompositions start from (pruning decompose.source_ratio with the gates)."""
+    return variant_name("gates", p.decompose.source_ratio)
 
 
-def decompose_seed(p: Params, seed_dir: Path, family: str, timed: bool = False) -> SeedRecord:
-    """Every method of `family` at every rank ratio on the pruned source model; the models at the fine-tuning rank
-    are saved as decomp_<method>.safetensors and offered for fine-tuning. With `timed`, those (the ones Table Sun
-    shows) get latency and their speed-up over the source."""
-    source = load_model(Path(seed_dir) / f"{variant_name('gates', p.decompose.source_ratio)}.safetensors")
+def break_even_caps(p: Params, seed_dir: Path) -> dict[str, int]:
+    """Per projection of a seed's source model, the largest rank at which factorizing it is faster in PyTorch here
+    at batch 1 and at the largest bench batch (`speed.break_even_rank`): measured in the notebook's own process,
+    before the jobs start, since nothing may be timed beside other work."""
+    source = load_model(Path(seed_dir) / f"{source_label(p)}.safetensors")
+    decisions = rank_decisions(source, rank_ratio=p.decompose.finetune_ratio, layers=p.decompose.layers,
+                               only_if_faster=True, batches=(1, max(p.bench.batch_sizes)), threads=p.bench.threads)
+    return {d["layer"]: d["break_even_rank"] for d in decisions}
+
+
+def decompose_seed(p: Params, seed_dir: Path, family: str, caps: dict[str, int]) -> SeedRecord:
+    """Every method of `family` at every rank ratio on the pruned source model; at the fine-tuning rank also
+    "where it pays": the same model with every factorized projection whose rank lies above its measured
+    break-even (`caps`) multiplied back into one matmul (`decompose.densify`) — the same function, never slower
+    than its source. The models at the fine-tuning rank are saved as decomp_<method>[_pays].safetensors; the
+    uniform one is offered for fine-tuning, the pays one is derived from its fine-tuned twin (stage 08)."""
+    source = load_model(Path(seed_dir) / f"{source_label(p)}.safetensors")
     calibration = calibration_of(p)
     record = SeedRecord(tables={"rows": []})
     for method in methods_of(p, family):
+        use = calibration if DECOMPOSITIONS[method].calibrated else None
         for ratio in p.decompose.rank_ratios:
+            at_finetune_rank = math.isclose(ratio, p.decompose.finetune_ratio)
             t0 = time.perf_counter()
-            new = decompose_model(source, method, rank_ratio=ratio, layers=p.decompose.layers,
-                                  calibration=calibration if DECOMPOSITIONS[method].calibrated else None)
+            new = decompose_model(source, method, rank_ratio=ratio, layers=p.decompose.layers, calibration=use)
             seconds = time.perf_counter() - t0
-            report = decomposition_report(source, new)
-            at_finetune_rank = math.isclose(ratio, p.decompose.finetune_ratio)  # the rank Table Sun times
-            name = record.measure(label(method, None if at_finetune_rank else ratio),
-                                  measured(new, p, timed and at_finetune_rank))
-            row = {"label": name, "method": method, "rank_ratio": ratio, "variant": label(method),
-                   "layers_factorized": len(report),
-                   "rel_error": sum(r["rel_error"] for r in report) / max(1, len(report)), "decompose_time_s": seconds,
-                   **(speedup(p, source, new) if timed and at_finetune_rank else {})}
+            row = _decomposed_row(record, source, new, method, ratio, "uniform", seconds, p,
+                                  label(method, None if at_finetune_rank else ratio))
             if at_finetune_rank:
-                row["model"] = f"{name}.safetensors"
-                save_model(new, Path(seed_dir) / row["model"])
-                record.files += owned(seed_dir, row["model"])
-                record.finetune[name] = {"file": row["model"], "method": method}
-            record.tables["rows"].append(row)
+                _save(record, seed_dir, new, row)
+                record.finetune[row["label"]] = {"file": row["model"], "method": method}
+                slow = [name for name, layer in new.named_modules()
+                        if isinstance(layer, FactorizedLinear) and layer.rank > caps.get(name, 0)]
+                pays = densify(new, slow)
+                pays_row = _decomposed_row(record, source, pays, method, ratio, "where it pays", seconds, p,
+                                           f"{label(method)}_pays")
+                pays_row["rel_error"] = row["rel_error"]  # the same function as the uniform model
+                _save(record, seed_dir, pays, pays_row)
+                record.finetune[pays_row["label"]] = {"derive": row["label"], "densify": slow, "method": method}
     return record
 
 
+def _decomposed_row(record: SeedRecord, source: nn.Module, new: nn.Module, method: str, ratio: float, where: str,
+                    seconds: float, p: Params, name: str) -> dict[str, Any]:
+    report = decomposition_report(source, new)
+    row = {"label": record.measure(name, measured(new, p)), "method": method, "rank_ratio": ratio,
+           "factorized": where, "variant": name.split("@")[0], "layers_factorized": len(report),
+           "rel_error": sum(r["rel_error"] for r in report) / max(1, len(report)), "decompose_time_s": seconds}
+    record.tables["rows"].append(row)
+    return row
+
+
+def _save(record: SeedRecord, seed_dir: Path, model: nn.Module, row: dict[str, Any]) -> None:
+    """Save a model of the fine-tuning rank as <label>.safetensors."""
+    row["model"] = record.save(seed_dir, row["label"], f"{row['label']}.safetensors")
+    save_model(model, Path(seed_dir) / row["model"])
+
+
 def sweep(stage) -> tuple[dict[int, SeedRecord], pd.DataFrame]:
-    """The rank sweep of a decomposition stage's family on every seed (the first seed timed alone); its per-seed
-    frame. Notebooks 04, 05 and 06 each make this one call."""
-    results = stage.each_seed(decompose_seed, stage.entry.options["family"], time_first=True)
+    """The rank sweep of a decomposition stage's family on every seed, side by side in worker processes (the
+    break-even ranks measured first, here, alone); its per-seed frame. Notebooks 04, 05 and 06 each make this one
+    call."""
+    family = stage.entry.options["family"]
+    caps = {seed: break_even_caps(stage.seed_params(seed), stage.seed_dir(seed)) for seed in stage.seeds}
+    records = stage.run_jobs(decompose_seed, [(seed, family, caps[seed]) for seed in stage.seeds], "seeds")
+    results = dict(zip(stage.seeds, records))
     table = table_frame(results, "rows")
     return results, table if not table.empty else pd.DataFrame(columns=EMPTY_SWEEP)
 
@@ -168,14 +195,15 @@ def orthogonality_sweep(conds: Iterable[float] = (1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 
 # ---------------------------------------------------------------- the tables notebook 09 shows
 
 def rank_sweep_table(decomposed_frame: pd.DataFrame) -> pd.DataFrame:
-    """Every method at every rank ratio, before fine-tuning (per seed)."""
-    return decomposed_frame[["seed", "method", "rank_ratio", "params_M", "macs_M", "rel_error", "top1"]]
+    """Every method at every rank ratio, factorized uniformly, before fine-tuning (per seed)."""
+    uniform = decomposed_frame[decomposed_frame.factorized == "uniform"]
+    return uniform[["seed", "method", "rank_ratio", "params_M", "macs_M", "rel_error", "top1"]]
 
 
 def sun_rows(decomposed_frame: pd.DataFrame, finetuned: pd.DataFrame, finetune_ratio: float,
              source_ratio: float) -> pd.DataFrame:
-    """Per seed, every method at the fine-tuning rank, with accuracy after fine-tuning and the drop against its
-    fine-tuned source."""
+    """Per seed, every method at the fine-tuning rank — the paper's uniform rank, and only where it pays — with
+    accuracy after fine-tuning and the drop against its fine-tuned source."""
     sun = with_finetuned(finetuned, decomposed_frame[np.isclose(decomposed_frame.rank_ratio, finetune_ratio)])
     source = finetuned[finetuned.label == variant_name("gates", source_ratio)].set_index("seed")["top1"]
     sun["top1_drop_ft_vs_pruned"] = sun["seed"].map(source) - sun["top1_ft"]
@@ -183,10 +211,11 @@ def sun_rows(decomposed_frame: pd.DataFrame, finetuned: pd.DataFrame, finetune_r
 
 
 def sun_table(sun: pd.DataFrame, latency: list[str]) -> pd.DataFrame:
-    """Table Sun (per seed): the columns of `sun_rows` the paper compares."""
+    """Table Sun (per seed): the columns of `sun_rows` the paper compares, and the measured speed-up over the
+    pruned source at the largest bench batch with its verdict."""
     speed = [c for c in ("speedup_vs_source_x", "faster_than_source") if c in sun]
-    return sun[["seed", "method", "rank_ratio", "params_M", "macs_M", *latency, *speed, "rel_error",
-                "decompose_time_s", "top1", "top1_ft", "top1_drop_ft_vs_pruned"]]
+    return sun[["seed", "method", "factorized", "rank_ratio", "layers_factorized", "params_M", "macs_M", *latency,
+                *speed, "rel_error", "decompose_time_s", "top1", "top1_ft", "top1_drop_ft_vs_pruned"]]
 
 
 # ---------------------------------------------------------------- claims
@@ -217,19 +246,33 @@ def claims(p: Params) -> list[Claim]:
     return found
 
 
+def speed_claims(p: Params) -> list[SpeedClaim]:
+    """Every factorized model at the fine-tuning rank — uniform and where it pays — is faster than the pruned model
+    it was factorized from, at every bench batch size."""
+    source = ModelRef("03_pruning", source_label(p))
+    found = []
+    for method in p.decompose.methods:
+        for suffix, how in (("", "at the uniform rank"), ("_pays", "only where it pays")):
+            ref = ModelRef(stage_of(method), f"{label(method)}{suffix}")
+            found += [SpeedClaim(f"speed:{ref.label}_vs_source@bs{batch}", "speed", f"{DECOMPOSITIONS[method].label} "
+                                 f"{how} is faster than the pruned model at batch {batch}", ref, source, batch)
+                      for batch in p.bench.batch_sizes]
+    return found
+
+
 def conclusion(table: pd.DataFrame, rank_ratio: float) -> str:
     """Which method keeps the weights and the accuracy best at the fine-tuning rank (means over seeds)."""
     if table.empty:
         return "decompose.methods names no method of this notebook's family, so nothing was decomposed here."
-    at = means(table[table.rank_ratio == rank_ratio], "method").sort_values("rel_error")
+    at = means(table[(table.rank_ratio == rank_ratio) & (table.factorized == "uniform")], "method") \
+        .sort_values("rel_error")
     if at.empty:
         return "No method was run at the fine-tuning rank."
     best, acc = at.iloc[0], at.sort_values("top1", ascending=False).iloc[0]
-    faster = ""
-    if "faster_than_source" in table:
-        timed = table[(table.rank_ratio == rank_ratio) & table.faster_than_source.notna()]
-        n = int(timed["faster_than_source"].astype(bool).sum())
-        faster = f" {n} of {len(timed)} factorized models of the first seed measured faster than their source."
+    pays = table[table.factorized == "where it pays"].groupby("method")["layers_factorized"].mean()
+    faster = (f" Factorized only where that is measured faster here (at batch 1 and the largest bench batch), "
+              f"{pays.mean():.1f} of {at.layers_factorized.mean():.0f} projections are factorized on average."
+              if not pays.empty else "")
     return (f"At rank ratio {rank_ratio:g} (means over {table.seed.nunique()} seeds), {best.method} reconstructs the "
             f"weights best (relative error {best.rel_error:.3f}) and {acc.method} keeps the most accuracy before "
             f"fine-tuning ({pct(acc.top1)}); " + ", ".join(f"{r.method} {pct(r.top1)}" for r in at.itertuples())

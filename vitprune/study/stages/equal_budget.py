@@ -16,17 +16,19 @@ from vitprune.checkpoint import load_model, save_model
 from vitprune.decompose import decompose_model, rank_for_ratio, saves_params, target_linears
 from vitprune.errors import DecomposeError
 from vitprune.metrics import count_macs, count_params
+from vitprune.names import ratio_label
 from vitprune.params import Params
 from vitprune.pruning import prune
 from vitprune.registry import DECOMPOSITIONS
 from vitprune.scoring import load_scores
 from vitprune.speed import tokens_per_image
-from vitprune.study.findings import Claim
-from vitprune.study.jobs import bundle_of, calibration_of, input_shape, measured, owned
+from vitprune.study.findings import Claim, SpeedClaim
+from vitprune.study.jobs import bundle_of, calibration_of, input_shape, measured
 from vitprune.study.narrative import pct, summary_notebook
 from vitprune.study.records import ModelRef, SeedRecord
 from vitprune.study.stages.finetuning import tuned
-from vitprune.study.stages.pruning import plan_with, variant_name
+from vitprune.study.stages.pruning import plan_with, pruned, variant_name
+from vitprune.study.stages.sparse_training import DENSE
 from vitprune.study.tables import with_finetuned
 
 STAGE = "07_equal_budget"
@@ -38,7 +40,7 @@ STRATEGIES = {"prune": "pruning alone", "vtp_svd": "VTP + SVD (uniform rank)",
 def strategy_model(key: str, ratio: float, cost: str = "params") -> ModelRef:
     """The handle of a strategy's model at the parameters (or MACs) of pruning `ratio` alone."""
     prefix = "budget" if cost == "params" else "budget_macs"
-    return ModelRef(STAGE, f"{prefix}_{key}_{round(100 * ratio)}")
+    return ModelRef(STAGE, f"{prefix}_{key}_{ratio_label(ratio)}")
 
 
 def share_model(method: str, refit: bool = False) -> ModelRef:
@@ -142,16 +144,15 @@ def budget_point(record: SeedRecord, p: Params, pruned: nn.Module, source: nn.Mo
                "budget_ratio": ratio, "target_params_M": count_params(pruned) / 1e6,
                "target_macs_M": count_macs(pruned, shape) / 1e6}
         if cost == "params" and math.isclose(ratio, p.budget.finetune_ratio):
-            row["model"] = f"budget_{key}.safetensors"
+            row["model"] = record.save(seed_dir, name, f"budget_{key}.safetensors")
             save_model(model, Path(seed_dir) / row["model"])
-            record.files += owned(seed_dir, row["model"])
             record.finetune[name] = {"file": row["model"]}
         record.tables["curves"].append(row)
 
 
 def strategy_names(keys: pd.Series, method: str) -> pd.Series:
-    """The equal-budget strategies' keys as the tables name them."""
-    return keys.map(lambda key: STRATEGIES[key].format(method=method))
+    """The equal-budget strategies' keys as the tables name them (the method by its label)."""
+    return keys.map(lambda key: STRATEGIES[key].format(method=DECOMPOSITIONS[method].label))
 
 
 def budget_rows(curves: pd.DataFrame, finetuned: pd.DataFrame, budget: Any) -> pd.DataFrame:
@@ -192,6 +193,19 @@ def claims(p: Params) -> list[Claim]:
                   Claim(f"equal_macs:{a}_vs_{b}@{ratio:g}:before", "equal MACs", f"At the MACs of pruning "
                         f"{round(100 * ratio)} % alone, {text}, before fine-tuning", strategy_model(a, ratio, "macs"),
                         strategy_model(b, ratio, "macs"))]
+    return found
+
+
+def speed_claims(p: Params) -> list[SpeedClaim]:
+    """Every strategy's model at the fine-tuned budget point is faster than the model it was made from (the dense
+    model for pruning alone and for dense + factorizing, the pruned model for VTP + factorizing)."""
+    source = pruned("gates", p.decompose.source_ratio)
+    found = []
+    for key in STRATEGIES:
+        ref, against = strategy_model(key, p.budget.finetune_ratio), (source if key.startswith("vtp") else DENSE)
+        found += [SpeedClaim(f"speed:{ref.label}_vs_{against.label}@bs{batch}", "speed", f"{ref.label} is faster "
+                             f"than {against.label} at batch {batch}", ref, against, batch)
+                  for batch in p.bench.batch_sizes]
     return found
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from vitprune.checkpoint import load_model
-from vitprune.decompose import same_up_to_signs
+from vitprune.checkpoint import load_model, save_model
+from vitprune.decompose import densify, same_up_to_signs
 from vitprune.params import Params
 from vitprune.registry import DECOMPOSITIONS
 from vitprune.study.jobs import bundle_of, measured, trained_files
@@ -39,12 +39,33 @@ def finetune_methods(p: Params) -> list[str]:
     return [m for m in p.decompose.methods if DECOMPOSITIONS[m].finetune]
 
 
-def offered(p: Params, records: dict[str, StageRecord], seed: int) -> dict[str, str]:
-    """label -> model file of every model the earlier stages offer for fine-tuning (in pipeline order)."""
+def _offers(p: Params, records: dict[str, StageRecord], seed: int) -> dict[str, dict[str, Any]]:
+    """Every model the earlier stages offer for fine-tuning (in pipeline order), its method fine-tuned."""
     methods = finetune_methods(p)
-    return {label: offer["file"] for record in records.values() if seed in record.seeds
+    return {label: offer for record in records.values() if seed in record.seeds
             for label, offer in record.seeds[seed].finetune.items()
             if offer.get("method") is None or offer["method"] in methods}
+
+
+def offered(p: Params, records: dict[str, StageRecord], seed: int) -> dict[str, str]:
+    """label -> model file of every model the earlier stages offer to be fine-tuned."""
+    return {label: offer["file"] for label, offer in _offers(p, records, seed).items() if "file" in offer}
+
+
+def derived(p: Params, records: dict[str, StageRecord], seed: int) -> dict[str, dict[str, Any]]:
+    """label -> {"derive": the label it comes from, "densify": layers} of every model offered as a transform of
+    another offered model (the same function: it shares that model's fine-tuning)."""
+    return {label: offer for label, offer in _offers(p, records, seed).items() if "derive" in offer}
+
+
+def derive_job(p: Params, seed_dir: Path, label: str, source_file: str, layers: list[str]) -> dict[str, Any]:
+    """The fine-tuned model `source_file` with `layers` multiplied out (`decompose.densify`), measured and saved as
+    <label>_ft.safetensors."""
+    model = densify(load_model(Path(seed_dir) / source_file), layers)
+    name = f"{label}_ft"
+    save_model(model, Path(seed_dir) / f"{name}.safetensors")
+    return {"measured": measured(model, p), "history": [], "model": f"{name}.safetensors",
+            "files": [f"{Path(seed_dir).name}/{name}.safetensors"]}
 
 
 def shared_starts(seed_dir: Path, models: dict[str, str]) -> dict[str, str]:
@@ -81,17 +102,21 @@ def finetune_job(p: Params, seed_dir: Path, label: str, filename: str) -> dict[s
 
 
 def seed_records(jobs: list[tuple[int, str, str]], results: list[dict[str, Any]],
-                 starts: dict[int, dict[str, str]]) -> dict[int, SeedRecord]:
+                 starts: dict[int, dict[str, str]], upstream: dict[str, StageRecord]) -> dict[int, SeedRecord]:
     """Per seed, every offered model fine-tuned: its own result, or that of the model it shares a start with
-    (its table row says `fine_tuned_as`)."""
+    (its table row says `fine_tuned_as`); a model an earlier stage did not build is recorded as not fine-tuned,
+    with that stage's reason, so a claim about its fine-tuned self says why it cannot be checked."""
     done = {(seed, label): result for (seed, label, _), result in zip(jobs, results)}
     records = {}
     for seed, mapping in starts.items():
-        record = SeedRecord(extra={"histories": {}})
+        record = SeedRecord(extra={"histories": {}}, skipped={
+            label: f"{stage} did not build it: {why}" for stage, r in upstream.items() if seed in r.seeds
+            for label, why in r.seeds[seed].skipped.items()})
         rows = []
         for label, start in mapping.items():
             result = done[(seed, start)]
             row = {"label": record.measure(label, result["measured"]), "variant": label, "model": result["model"]}
+            record.saved[label] = result["model"]
             if start != label:
                 row["fine_tuned_as"] = start
             else:
@@ -101,6 +126,23 @@ def seed_records(jobs: list[tuple[int, str, str]], results: list[dict[str, Any]]
         record.tables["rows"] = rows
         records[seed] = record
     return records
+
+
+def derive_jobs(p: Params, records: dict[str, StageRecord], results: dict[int, SeedRecord]) -> list[tuple]:
+    """(seed, label, the fine-tuned file it derives from, layers) for every derived model of every seed."""
+    return [(seed, label, results[seed].saved[offer["derive"]], offer["densify"])
+            for seed in results for label, offer in derived(p, records, seed).items()]
+
+
+def add_derived(results: dict[int, SeedRecord], jobs: list[tuple], outputs: list[dict[str, Any]]) -> None:
+    """Record the derived models (`derive_job`'s outputs) beside the fine-tuned ones (their row says which)."""
+    for (seed, label, source_file, _), out in zip(jobs, outputs):
+        record = results[seed]
+        record.measure(label, out["measured"])
+        record.saved[label] = out["model"]
+        record.files += out["files"]
+        record.tables["rows"].append({"label": label, "variant": label, "model": out["model"],
+                                      "derived_from": source_file.removesuffix(".safetensors")})
 
 
 def recovery_curves(results: dict[int, SeedRecord]) -> dict[str, list[list[dict[str, Any]]]]:

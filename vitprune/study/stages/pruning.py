@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from vitprune.checkpoint import load_model, save_model
+from vitprune.names import ratio_label
 from vitprune.params import Params
 from vitprune.pruning import PrunePlan, plan_pruning, prune, pruned_architecture, zero_dropped
 from vitprune.registry import CRITERIA
 from vitprune.scoring import Scores, load_scores
-from vitprune.study.findings import WHEN, Claim
+from vitprune.study.findings import WHEN, Claim, SpeedClaim
 from vitprune.study.jobs import measured, owned
 from vitprune.study.narrative import means, pct
 from vitprune.study.records import ModelRef, SeedRecord
@@ -29,8 +30,8 @@ STAGE = "03_pruning"
 
 
 def variant_name(criterion: str, ratio: float) -> str:
-    """File stem (and model label) of a pruned variant: pruned_<criterion>_<percent>."""
-    return f"pruned_{criterion}_{round(ratio * 100):02d}"
+    """File stem (and model label) of a pruned variant: pruned_<criterion>_<percent> (names.ratio_label)."""
+    return f"pruned_{criterion}_{ratio_label(ratio)}"
 
 
 def pruned(criterion: str, ratio: float) -> ModelRef:
@@ -63,7 +64,7 @@ def pruning_variants(p: Params) -> list[tuple[str, float]]:
                        if (c, p.prune.ablation_ratio) not in variants]
 
 
-def prune_seed(p: Params, seed_dir: Path, timed: bool = False) -> SeedRecord:
+def prune_seed(p: Params, seed_dir: Path) -> SeedRecord:
     """Prune the sparse model with every variant; one measured row each, and the gate-pruned architectures."""
     sparse = load_model(Path(seed_dir) / "sparse.safetensors")
     scores = load_scores(Path(seed_dir) / "scores.safetensors")
@@ -71,15 +72,15 @@ def prune_seed(p: Params, seed_dir: Path, timed: bool = False) -> SeedRecord:
     rows = []
     for criterion, ratio in pruning_variants(p):
         name, small, plan = prune_variant(sparse, scores[criterion], criterion, ratio, p.prune, seed_dir)
-        rows.append({"label": record.measure(name, measured(small, p, timed)), "variant": name,
+        rows.append({"label": record.measure(name, measured(small, p)), "variant": name,
                      "criterion": criterion, "ratio": ratio, "realised_ratio": plan.realised_ratio,
-                     "model": f"{name}.safetensors"})
-        record.files += owned(seed_dir, f"{name}.safetensors", f"{name}.plan.json")
+                     "model": record.save(seed_dir, name, f"{name}.safetensors")})
+        record.files += owned(seed_dir, f"{name}.plan.json")
         record.finetune[name] = {"file": f"{name}.safetensors"}
         if criterion == "gates":
-            record.extra["archs"][f"{round(100 * ratio)} %"] = pruned_architecture(small)
+            record.extra["archs"][variant_name(criterion, ratio)] = pruned_architecture(small)
     record.tables["variants"] = rows
-    record.measure("sparse", measured(sparse, p, timed))
+    record.measure("sparse", measured(sparse, p))
     record.extra["dense_arch"] = pruned_architecture(load_model(Path(seed_dir) / "dense.safetensors"))
     return record
 
@@ -141,6 +142,13 @@ def claims(p: Params) -> list[Claim]:
                                f"At {round(100 * ablation)} % pruned, the VTP gates keep more accuracy than "
                                f"{criterion} scores, {words}", a, b))
     return found
+
+
+def speed_claims(p: Params) -> list[SpeedClaim]:
+    """Every pruned model is faster than the dense model it was pruned from, at every bench batch size."""
+    return [SpeedClaim(f"speed:{pruned(c, r).label}_vs_dense@bs{batch}", "speed", f"{pruned(c, r).label} is faster "
+                       f"than the dense model at batch {batch}", pruned(c, r), DENSE, batch)
+            for c, r in pruning_variants(p) for batch in p.bench.batch_sizes]
 
 
 def conclusion(before: pd.DataFrame, sparse: pd.DataFrame, ablation_ratio: float) -> str:

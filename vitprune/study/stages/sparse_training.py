@@ -31,7 +31,6 @@ def train_dense(p: Params, run_dir: str | Path) -> tuple[nn.Module, list[dict[st
     bundle = bundle_of(p)
     torch.manual_seed(p.train.seed)
     dense = build_model(p.model, bundle.num_classes, bundle.in_chans, bundle.image_size)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)  # only once the model could be built
     return dense, fit(p, "dense", dense, bundle, run_dir, "dense")
 
 
@@ -46,6 +45,7 @@ def train_seed(p: Params, seed_dir: Path) -> SeedRecord:
     dense, dense_history = train_dense(p, seed_dir)
     sparse, sparse_history = sparse_train(p, seed_dir, load_model(Path(seed_dir) / "dense.safetensors"))
     record = SeedRecord(files=trained_files(seed_dir, "dense") + trained_files(seed_dir, "sparse"),
+                        saved={"dense": "dense.safetensors", "sparse": "sparse.safetensors"},
                         extra={"dense_history": dense_history, "sparse_history": sparse_history})
     record.measure(DENSE.label, measured(dense, p))
     record.measure(SPARSE.label, measured(sparse, p))
