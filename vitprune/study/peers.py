@@ -31,13 +31,14 @@ def _torch_pruning():
     return torch_pruning
 
 
-def _attention_any_width(self: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _attention_any_width(self: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
     """timm's attention without its assumption that the attention width equals the residual width."""
     b, n, _ = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # (B, H, N, D)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 
 
@@ -50,9 +51,10 @@ def torch_pruning_vit(model: nn.Module, ratio: float, input_shape: tuple[int, ..
         if isinstance(module, Attention):
             module.forward = _attention_any_width.__get__(module, Attention)
             heads[module.qkv] = module.num_heads
-    pruner = tp.pruner.MetaPruner(work, torch.randn(input_shape), importance=tp.importance.GroupNormImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=[work.head], num_heads=heads,
-                                  prune_head_dims=True, prune_num_heads=False, round_to=2)
+    pruner = tp.pruner.MetaPruner(work, torch.randn(input_shape),
+                                  importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+                                  ignored_layers=[work.head], num_heads=heads, prune_head_dims=True,
+                                  prune_num_heads=False, round_to=2)
     pruner.step()
     for module in work.modules():
         if isinstance(module, Attention):
@@ -89,5 +91,8 @@ def relative_output_change(reference: nn.Module, model: nn.Module, input_shape: 
 
 
 def peer_info() -> dict[str, Any]:
-    """Which Torch-Pruning version was measured."""
-    return {"torch_pruning": _torch_pruning().__version__}
+    """Which Torch-Pruning version was measured (the installed distribution's: the module's own string lags)."""
+    from importlib.metadata import version
+
+    _torch_pruning()
+    return {"torch_pruning": version("torch-pruning")}

@@ -11,9 +11,9 @@ last ten years has them), so the same seeds give the same numbers with and witho
 promises its AVX2 branch on Intel CPUs only; on AMD it takes its AUTO reproducibility branch, which
 `mkl_branch` records). A variable already set wins (e.g. ATEN_CPU_CAPABILITY=avx512 for native speed).
 
-MKL_CBWR=COMPATIBLE would give one branch on every x86 CPU, vendor-independent floats; measured here it
-made a training step 1.6-1.9x slower (`make bench` and the README), above the 1.3x the project accepts,
-so Intel against AMD is left to the seeds, intervals and the verdicts' robustness (`stats.can_move`).
+MKL_CBWR=COMPATIBLE would give one branch on every x86 CPU, vendor-independent floats; `make bench` measures
+what it costs a training step against these pins (`bench.mkl_compatible_cost`), above the 1.3x the project
+accepts, so Intel against AMD is left to the seeds, intervals and the verdicts' robustness (`stats.can_move`).
 """
 
 from __future__ import annotations
