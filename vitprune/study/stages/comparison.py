@@ -19,7 +19,7 @@ import torch
 from vitprune.checkpoint import load_model
 from vitprune.layers import make_prunable
 from vitprune.speed import interleaved_rounds, quiet_min, round_plan, torch_runner
-from vitprune.study.findings import Claim, SpeedClaim, margin_for, verdict_words
+from vitprune.study.findings import Claim, SpeedClaim, is_speed, margin_for, tally, verdict_words
 from vitprune.study.jobs import input_shape
 from vitprune.study.narrative import means, pct
 from vitprune.study.records import StageRecord
@@ -129,18 +129,19 @@ def conclusion(vtp: pd.DataFrame, ablation: pd.DataFrame, sun: pd.DataFrame, fin
                          f"{pct(r['top1_ft'])} ({-r['top1_drop_ft']:+.1f} points)" for r in pruned.to_dict("records"))
     order = ", ".join(f"{c} {pct(v)}" for c, v in
                       ablation.groupby("criterion")["top1_ft"].mean().sort_values(ascending=False).items())
+    uniform = sun[sun.factorized == "uniform"] if "factorized" in sun else sun  # "where it pays": the same accuracy
     sun_order = ", ".join(f"{m} {pct(v)}" for m, v in
-                          sun.groupby("method")["top1_ft"].mean().dropna().sort_values(ascending=False).items())
-    verdicts = pd.Series([verdict_words(f) for f in findings], dtype=object).value_counts()
-    tally = ", ".join(f"{n} {v}" for v, n in verdicts.items())
+                          uniform.groupby("method")["top1_ft"].mean().dropna().sort_values(ascending=False).items())
+    accuracy, speed = [f for f in findings if not is_speed(f)], [f for f in findings if is_speed(f)]
     budget = [f for f in findings if f["group"] == "equal parameters" and f["statement"].endswith("after fine-tuning")]
     budget_text = " ".join(f"{f['statement']}: {f['verdict']} ({f['difference']:+.1f} points, 95 % interval "
                            f"[{f['low']:+.1f}, {f['high']:+.1f}])." for f in budget[:2])
     return (f"Means over {vtp.seed.nunique()} seeds. Table VTP — {vtp_text}. Ablation after fine-tuning (mean "
             f"top-1): {order}; the gates against each other criterion: {_verdicts(findings, 'VTP ablation')}. "
             f"Table Sun after fine-tuning (mean top-1): {sun_order}; SVD against each QR and LU variant: "
-            f"{_verdicts(findings, 'Sun')}. {budget_text} Of {len(findings)} checked claims: {tally} (see Findings: "
-            "a ranking is a finding only where its paired interval excludes zero).")
+            f"{_verdicts(findings, 'Sun')}. {budget_text} Accuracy: {tally(accuracy)}"
+            + (f" Speed: {tally(speed, 'speed claims')}" if speed else "")
+            + " (See Findings: a ranking is a finding only where its paired interval excludes zero.)")
 
 
 def _verdicts(findings: list[dict[str, Any]], group: str) -> str:
