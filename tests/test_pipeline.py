@@ -229,6 +229,23 @@ def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(sm
     assert accuracy == [f for f in findings_before if f.get("kind") != "speed"]  # the same, to the last digit
 
 
+def test_a_deleted_or_altered_output_or_figure_reruns_its_stage_even_after_a_cached_run(smoke_run):
+    """Runs before the tests that edit the library or delete upstream files (those leave stages to re-run)."""
+    root, _ = smoke_run
+    run_dir, fig = root / "runs" / "smoke", root / "figures" / "smoke"
+    assert all(s.get("skipped") for s in run_again(root)["stages"].values())  # cached: nothing changed
+    tuned = run_dir / "seed0" / "pruned_gates_40_ft.safetensors"  # a hard link to its finished checkpoint
+    tuned.unlink()
+    again = run_again(root)["stages"]
+    assert "seconds" in again["08_finetuning"] and tuned.is_file()
+    assert all(again[s].get("skipped") for s in STAGES[:7])
+    table = fig / "table_sun_rank_sweep.csv"  # a published table, truncated
+    table.write_text(table.read_text()[:40])
+    again = run_again(root)["stages"]
+    assert "seconds" in again["09_comparison"] and not any("seconds" in again[s] for s in STAGES[:8])
+    assert len(table.read_text().splitlines()) > 2
+
+
 def test_library_edits_rerun_the_stages_that_reach_them_and_only_those(smoke_run):
     root, _ = smoke_run
     project, run_dir = root / "project", root / "runs" / "smoke"
@@ -258,23 +275,6 @@ def test_a_deleted_upstream_model_reruns_the_stage_that_made_it(smoke_run):
     model.unlink()
     assert "seconds" in run_again(root, only=1)["stages"]["01_sparse_training"]
     assert model.is_file()
-
-
-def test_a_deleted_or_altered_output_or_figure_reruns_its_stage_even_after_a_cached_run(smoke_run):
-    root, _ = smoke_run
-    run_dir, fig = root / "runs" / "smoke", root / "figures" / "smoke"
-    run_again(root)  # the stages the tests before edited or deleted inputs of, brought up to date
-    assert all(s.get("skipped") for s in run_again(root)["stages"].values())  # cached: nothing changed
-    tuned = run_dir / "seed0" / "pruned_gates_40_ft.safetensors"  # a hard link to its finished checkpoint
-    tuned.unlink()
-    again = run_again(root)["stages"]
-    assert "seconds" in again["08_finetuning"] and tuned.is_file()
-    assert all(again[s].get("skipped") for s in STAGES[:7])
-    table = fig / "table_sun_rank_sweep.csv"  # a published table, truncated
-    table.write_text(table.read_text()[:40])
-    again = run_again(root)["stages"]
-    assert "seconds" in again["09_comparison"] and not any("seconds" in again[s] for s in STAGES[:8])
-    assert len(table.read_text().splitlines()) > 2
 
 
 def test_a_parameter_reruns_exactly_the_stages_that_declare_it(smoke_run):
