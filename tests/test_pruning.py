@@ -70,6 +70,19 @@ def test_pruned_equals_gated_with_dropped_dims_zeroed(arch, head_mode, ratio):
     assert small.blocks[0].attn.scale == model.blocks[0].attn.scale
 
 
+def test_widths_rounded_to_a_kernel_multiple_stay_exact(arch):
+    """Latency-aware widths (`round_to`, e.g. `vp.fast_width_multiple`'s 8): every kept count a multiple, the
+    function still the gated model's with the plan's drops zeroed."""
+    model, x, qk_norm = arch
+    gated(model, qk_norm)
+    plan = vp.plan_pruning(model, vp.importance_scores(model), 0.4, round_to=4)
+    small = vp.prune(model, plan)
+    assert (small(x) - vp.zero_dropped(model, plan)(x)).abs().max() <= TOL
+    for (b, site), kept in plan.kept.items():
+        heads = model.blocks[b].attn.num_heads if site in SITES.names(head_grouped=True) else 1
+        assert len(kept) // heads % 4 == 0 or len(kept) == plan.sizes[(b, site)]  # per head for head-grouped sites
+
+
 def test_pruned_model_round_trips_and_reprunes(tmp_path):
     model, x, _ = make_arch("deit_distilled")
     gated(model, False)

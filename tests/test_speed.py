@@ -62,6 +62,40 @@ def test_break_even_rank_is_within_the_parameter_break_even():
     assert 0 <= rank <= 64 * 256 // (64 + 256)
 
 
+def test_the_width_multiple_is_where_the_measured_kernel_is_fast():
+    steps_of_8 = {w: (6.2 if w % 8 == 0 else 7.0 if w % 4 == 0 else 8.5) for w in range(880, 912)}
+    assert speed.choose_width_multiple(steps_of_8) == 8  # multiples of 4 average 6 % more than those of 8: too much
+    near = {**steps_of_8, **{w: 6.3 for w in steps_of_8 if w % 8 == 4}}
+    assert speed.choose_width_multiple(near) == 4  # within WIDTH_TOLERANCE of the best: the finer multiple
+    smooth = {w: 6.0 + 0.01 * (w % 3) for w in range(880, 912)}
+    assert speed.choose_width_multiple(smooth) == 1  # a flat curve gives nothing to round to
+    odd_cheap = {w: (5.0 if w % 2 else 7.0) for w in range(880, 912)}
+    assert speed.choose_width_multiple(odd_cheap) == 1
+    assert speed.choose_width_multiple({}) == 1
+
+
+def test_fast_width_multiple_is_measured_once_per_machine_and_shape(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITPRUNE_CACHE", str(tmp_path))
+    measured = []
+
+    def costs(in_features, widths, tokens, threads, rounds, runtime):
+        measured.append((in_features, tokens, runtime))
+        return {w: (1.0 if w % 16 == 0 else 2.0) for w in widths}
+
+    monkeypatch.setattr(speed, "width_costs", costs)
+    assert vp.fast_width_multiple(32, 64, tokens=8) == 16
+    assert vp.fast_width_multiple(32, 64, tokens=8) == 16 and len(measured) == 1  # from the cache
+    assert vp.fast_width_multiple(32, 64, tokens=16) == 16 and len(measured) == 2  # another shape: measured
+    with pytest.raises(ValueError, match="accepted: torch, onnxruntime"):
+        vp.fast_width_multiple(32, 64, tokens=8, runtime="tvm")
+
+
+def test_width_costs_time_every_width_per_output_column():
+    costs = speed.width_costs(16, range(24, 28), tokens=8, threads=1, rounds=2)
+    assert list(costs) == [24, 25, 26, 27] and all(c > 0 for c in costs.values())
+    assert speed.fast_width_multiple(16, 40, tokens=8, threads=1, rounds=2) in speed.WIDTH_MULTIPLES
+
+
 def test_only_if_faster_keeps_dense_the_layers_two_matmuls_would_slow(monkeypatch):
     model, x, _ = make_arch("gap")
     monkeypatch.setattr(decompose, "break_even_rank", lambda i, o, tokens, threads, runtime: 8 if o > i else 0)

@@ -25,7 +25,7 @@ from vitprune.params import Params, load_params
 from vitprune.pruning import PrunePlan, plan_pruning, prune, pruned_architecture, zero_dropped
 from vitprune.registry import CRITERIA, DECOMPOSITIONS, SITES, register_criterion, register_decomposition
 from vitprune.scoring import importance_scores
-from vitprune.speed import measure_latency
+from vitprune.speed import fast_width_multiple, measure_latency
 from vitprune.training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -35,7 +35,8 @@ __all__ = [
     "MissingStageError", "ModelError", "Params", "ParamsError", "PruneError", "PrunePlan", "SITES", "ScoringError",
     "StageFailed", "TrainConfig", "TrainingDiverged", "VitpruneError", "attach_gates", "build_model",
     "calibration_batches", "count_macs", "count_params", "decompose_model", "decomposition_report", "evaluate",
-    "factorize", "fold_gates", "gate_parameters", "gate_statistics", "importance_scores", "l1_penalty", "load_data",
+    "factorize", "fast_width_multiple", "fold_gates", "gate_parameters", "gate_statistics", "importance_scores",
+    "l1_penalty", "load_data",
     "load_model", "load_params", "lu", "measure_latency", "model_summary", "orthogonality_loss", "plan_pruning",
     "prune", "pruned_architecture", "qr", "register_criterion", "register_decomposition", "save_model",
     "test_batches", "train", "train_batches", "zero_dropped",

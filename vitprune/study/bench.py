@@ -40,13 +40,16 @@ from vitprune.export import OPTIMIZERS, export_onnx, onnx_session
 from vitprune.registry import DECOMPOSITIONS
 from vitprune.speed import (
     RUNTIMES,
+    WIDTH_MULTIPLES,
     break_even_rank,
+    choose_width_multiple,
     interleaved_rounds,
     interleaved_times,
     quiet_min,
     speed_rows,
     tokens_per_image,
     torch_threads,
+    width_costs,
 )
 from vitprune.study.bench_report import goal_rows, readme_summary, summary_markdown
 from vitprune.study.peers import at_macs, peer_info, relative_output_change, torch_pruning_vit
@@ -107,6 +110,7 @@ def deit_small_variants() -> dict[str, Any]:
     gated = random_gated(copy.deepcopy(dense), vp.SITES.names())  # every site: the widest cut
     scores = vp.importance_scores(gated, "magnitude")
     base = vp.count_macs(dense, SHAPE)
+    width_multiple = deit_small_width_multiple(dense)
     models, info = {}, []
     for cut in MAC_CUTS:
         pct = round(100 * cut)
@@ -114,12 +118,13 @@ def deit_small_variants() -> dict[str, Any]:
         plans = {}
 
         def ours(ratio: float, plans=plans) -> torch.nn.Module:
-            plans[ratio] = vp.plan_pruning(gated, scores, ratio)
+            plans[ratio] = vp.plan_pruning(gated, scores, ratio, round_to=width_multiple)
             return vp.prune(gated, plans[ratio])
 
         mine, ratio = at_macs(ours, vp.count_macs(peer, SHAPE), SHAPE)
         models[f"vitprune_{pct}"], models[f"torch_pruning_{pct}"] = mine, peer
-        info.append({"macs_cut_target": cut, "vitprune_ratio": ratio, "torch_pruning_ratio": peer_ratio,
+        info.append({"macs_cut_target": cut, "vitprune_round_to": width_multiple, "vitprune_ratio": ratio,
+                     "torch_pruning_ratio": peer_ratio,
                      "vitprune_macs_G": vp.count_macs(mine, SHAPE) / 1e9, "torch_pruning_macs_G":
                      vp.count_macs(peer, SHAPE) / 1e9, "vitprune_exactness": relative_output_change(
                          vp.zero_dropped(gated, plans[ratio]), mine, (2, *SHAPE[1:]))})
@@ -129,6 +134,33 @@ def deit_small_variants() -> dict[str, Any]:
                   for runtime in RUNTIMES}
     return {"dense": vp.fold_gates(gated), "pruned": models, "factorized": factorized, "equal_macs": info,
             "source": source}
+
+
+def deit_small_width_multiple(dense: torch.nn.Module) -> int:
+    """The multiple vitprune rounds DeiT-S's kept widths to: measured in PyTorch for its MLP's first layer (384 in,
+    around 60 % of its 1536 hidden widths out) at batch 8 (`vp.fast_width_multiple`); the head dims, rounded per
+    head to the same multiple, give query/key/value widths (18 head widths) that are multiples of it too."""
+    return vp.fast_width_multiple(dense.embed_dim, _width_centre(dense), 8 * tokens_per_image(dense))
+
+
+def _width_centre(dense: torch.nn.Module) -> int:
+    return round(0.6 * dense.blocks[0].mlp.fc1.out_features)
+
+
+def width_rows(dense: torch.nn.Module) -> list[dict[str, Any]]:
+    """Per-column cost of DeiT-S's MLP input layer against its output width in both runtimes, at batch 8: the
+    curve behind the width multiple, and the multiple each runtime's curve chooses."""
+    centre = _width_centre(dense)
+    rows = []
+    for runtime in RUNTIMES:
+        costs = width_costs(dense.embed_dim, range(centre - 16, centre + 16), 8 * tokens_per_image(dense),
+                            runtime=runtime)
+        chosen = choose_width_multiple(costs)
+        for m in WIDTH_MULTIPLES:
+            aligned = [cost for width, cost in costs.items() if width % m == 0]
+            rows.append({"runtime": runtime, "widths_divisible_by": m, "widths": len(aligned),
+                         "us_per_output_column": 1000 * sum(aligned) / len(aligned), "chosen": m == chosen})
+    return rows
 
 
 def export_rows(models: dict[str, torch.nn.Module], batch: int = 8) -> list[dict[str, Any]]:
@@ -280,6 +312,7 @@ def run(out: Path, params_file: Path = ROOT / "params" / "default.yaml", quick: 
         results["export_deit_small"] = export_rows({"dense": deit["dense"], "vitprune_40": deit["source"]})
         results["profile_deit_small_pruned_40"] = profile_rows(deit["dense"], deit["source"], (8, *SHAPE[1:]))
         results["break_even"] = break_even_rows(8 * tokens_per_image(deit["dense"]))
+        results["width_costs_deit_small"] = width_rows(deit["dense"])
         results["algorithms_deit_b"] = algorithm_rows(repeats=1 if quick else 3)
         results["deit_b_svd_all_48_s"] = deit_b_svd_seconds()
     results["mkl_compatible"] = mkl_compatible_cost(params_file, rounds=2 if quick else 3)
@@ -289,6 +322,8 @@ def run(out: Path, params_file: Path = ROOT / "params" / "default.yaml", quick: 
     timing = ROOT / "runs" / p.name / "pipeline_timing.json"
     if timing.is_file():
         results["pipeline"] = json.loads(timing.read_text())
+    elif "pipeline" in (earlier := _earlier_results(out)):  # no from-scratch run here since: say whose number it is
+        results["pipeline"] = {**earlier["pipeline"], "carried_over": True}
     results["goals"] = goal_rows(results)
     write_json(out, results)
     write_text(out.with_suffix(".md"), summary_markdown(results))
@@ -297,6 +332,14 @@ def run(out: Path, params_file: Path = ROOT / "params" / "default.yaml", quick: 
     if text is not None and out.resolve().parent == (ROOT / "benchmarks").resolve():
         write_text(readme, text)
     return results
+
+
+def _earlier_results(out: Path) -> dict[str, Any]:
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
 
 
 def main() -> None:

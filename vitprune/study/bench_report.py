@@ -93,6 +93,22 @@ def mkl_line(m: dict[str, Any]) -> str:
             f"{m['compatible_over_pinned']:.2f}× — {verdict} the {MKL_BUDGET}× the project accepts.")
 
 
+def width_lines(r: dict[str, Any]) -> list[str]:
+    """What rounding the kept widths to a measured multiple is worth: per-column cost of the aligned widths."""
+    rows = pd.DataFrame(r.get("width_costs_deit_small", []))
+    if rows.empty:
+        return []
+    parts = []
+    for runtime, g in rows.groupby("runtime", sort=False):
+        cost = g.set_index("widths_divisible_by").us_per_output_column
+        chosen = int(g[g.chosen].widths_divisible_by.iloc[0])
+        parts.append(f"{runtime} chooses {chosen} ({cost[chosen]:.2f} us per column against {cost[1]:.2f} over all "
+                     "widths)")
+    used = r["equal_macs_deit_small"][0].get("vitprune_round_to", 1)
+    return ["- Latency-aware widths (`vp.fast_width_multiple`, DeiT-S MLP input layer at batch 8, 32 output "
+            "widths): " + "; ".join(parts) + f". vitprune's DeiT-S models below round kept widths to {used}."]
+
+
 def readme_summary(r: dict[str, Any]) -> str:
     """The README's bench block: the goals, vitprune against Torch-Pruning, and where the pruned model's time goes."""
     d = r["default_model"]
@@ -106,7 +122,7 @@ def readme_summary(r: dict[str, Any]) -> str:
              f"(batch 1), {d['eval_latency_ms'][64]:.2f} ms (batch 64); VTP gates cost "
              f"{d['gate_overhead_pct']:.1f} % of a training step.",
              f"- SVD of all 48 DeiT-B projections: {r['deit_b_svd_all_48_s']:.1f} s.",
-             mkl_line(r["mkl_compatible"]),
+             mkl_line(r["mkl_compatible"]), *width_lines(r),
              f"- Measured break-even rank (two matmuls faster than one) at {int(be.tokens.iloc[0])} tokens, as a "
              "fraction of the parameter break-even mn/(m+n): " + "; ".join(
                  f"{rt} {g.fraction.min():.2f}-{g.fraction.max():.2f}" for rt, g in be.groupby("runtime")) + ".", "",
@@ -131,11 +147,14 @@ def summary_markdown(r: dict[str, Any]) -> str:
              f"{d['eval_latency_ms'][64]:.2f} ms (batch 64); VTP gates: training-step overhead "
              f"{d['gate_overhead_pct']:.1f} %", f"- SVD of all 48 DeiT-B projections: {r['deit_b_svd_all_48_s']:.1f} s",
              mkl_line(r["mkl_compatible"])]
+    lines += width_lines(r)
     if "pipeline" in r:
         stages = ", ".join(f"{name} {entry['seconds']:.0f} s" for name, entry in r["pipeline"]["stages"].items()
                            if "seconds" in entry)
+        whose = " - carried over from the previous results file: no from-scratch run here since" \
+            if r["pipeline"].get("carried_over") else ""
         lines.append(f"- `make reproduce` pipeline (after install, from scratch): "
-                     f"{r['pipeline']['total_seconds']:.0f} s ({stages})")
+                     f"{r['pipeline']['total_seconds']:.0f} s ({stages}){whose}")
     lines += ["", "## Goals", "", markdown_table(pd.DataFrame(r["goals"])),
               "## Equal MACs: the ratios found", "", markdown_table(pd.DataFrame(r["equal_macs_deit_small"]).round(4)),
               "## vitprune against Torch-Pruning", "", markdown_table(pd.DataFrame(peer_rows(r["pruning_deit_small"]))
@@ -146,6 +165,8 @@ def summary_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"## {title}: speed-up / MAC reduction", "", markdown_table(pd.DataFrame(r[key])[cols].round(3))]
     lines += ["", "## The ONNX graph: as exported, onnxruntime-optimised (`ort`, the default), transformer optimizer",
               "", markdown_table(pd.DataFrame(r["export_deit_small"]).round(2)),
+              "", "## Latency-aware widths: DeiT-S MLP input layer, cost per output column against its width", "",
+              markdown_table(pd.DataFrame(r.get("width_costs_deit_small", [])).round(3)),
               "", "## Break-even rank per layer shape (two matmuls faster than one below it)", "",
               markdown_table(pd.DataFrame(r["break_even"]).round(3)),
               "", "## Where the time goes: pruned 40 % DeiT-S, batch 8 (torch.profiler, self CPU ms per forward)", "",
