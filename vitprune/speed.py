@@ -234,13 +234,18 @@ def break_even_rank(in_features: int, out_features: int, tokens: int, threads: i
     factorized layer has more MACs than the dense one); kept in a per-machine cache (VITPRUNE_CACHE, default
     ~/.cache/vitprune), so decisions built on it repeat exactly on the same machine.
     """
+    return _measured_once(f"{runtime}|{in_features}x{out_features}|{tokens}|{threads}", runtime, lambda: (
+        _measure_break_even(in_features, out_features, tokens, threads, rounds, runtime)))
+
+
+def _measured_once(key: str, runtime: str, measure: Callable[[], int]) -> int:
+    """The per-machine cache's value for `key` (VITPRUNE_CACHE), measured by `measure` and written the first time."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r} is not accepted; accepted: {', '.join(RUNTIMES)}")
-    key = f"{runtime}|{in_features}x{out_features}|{tokens}|{threads}"
     cache = _cache_path()
     known = read_json_mapping(cache, int)
     if key not in known:
-        known[key] = _measure_break_even(in_features, out_features, tokens, threads, rounds, runtime)
+        known[key] = measure()
         _write_cache(cache, {**read_json_mapping(cache, int), key: known[key]})
     return known[key]
 
@@ -273,17 +278,9 @@ def fast_width_multiple(in_features: int, around: int, tokens: int, threads: int
     as the best multiple's (`choose_width_multiple`). Cached per machine like `break_even_rank`; pass it to
     `plan_pruning(round_to=...)`. (Measured here: output widths off a multiple of 8 cost up to 1.6x more per column
     in PyTorch's GEMM on AVX2; the input width hardly matters.)"""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime {runtime!r} is not accepted; accepted: {', '.join(RUNTIMES)}")
-    key = f"width|{runtime}|{in_features}x{around}|{tokens}|{threads}"
-    cache = _cache_path()
-    known = read_json_mapping(cache, int)
-    if key not in known:
-        costs = width_costs(in_features, range(max(1, around - 16), max(1, around - 16) + 32), tokens, threads,
-                            rounds, runtime)
-        known[key] = choose_width_multiple(costs)
-        _write_cache(cache, {**read_json_mapping(cache, int), key: known[key]})
-    return known[key]
+    start = max(1, around - 16)
+    return _measured_once(f"width|{runtime}|{in_features}x{around}|{tokens}|{threads}", runtime, lambda: (
+        choose_width_multiple(width_costs(in_features, range(start, start + 32), tokens, threads, rounds, runtime))))
 
 
 def width_costs(in_features: int, widths: Iterable[int], tokens: int, threads: int = 2, rounds: int = 5,
