@@ -107,3 +107,18 @@ def test_only_if_faster_keeps_dense_the_layers_two_matmuls_would_slow(monkeypatc
     assert kinds == {"qkv", "fc1"}
     with torch.no_grad():
         assert torch.isfinite(new(x)).all()
+
+
+def test_the_bench_profiles_the_default_model_and_names_its_attention_share():
+    """`make bench` shows where the default model's time goes, dense against pruned (what its speed goals miss by)."""
+    from tests.conftest import ROOT
+    from vitprune.study import bench, bench_report
+
+    p = vp.load_params(ROOT / "params" / "default.yaml")
+    rows = {r["operator"]: r for r in bench.default_model_profile(p)}
+    assert rows["aten::addmm"]["pruned_ms"] < rows["aten::addmm"]["dense_ms"]  # the projections shrink
+    assert "aten::gather" in rows and rows["aten::gather"]["dense_ms"] == 0  # the kept input features: pruned only
+    lines = bench_report.default_profile_lines({"profile_default_pruned": {"ratio": 0.6, "batch": 64,
+                                                                          "rows": list(rows.values())}})
+    assert "pruned 60 %" in lines[0] and "batch-64" in lines[0] and lines[2].startswith("| operator")
+    assert bench_report.default_profile_lines({}) == []  # a results file from before: nothing claimed

@@ -37,6 +37,7 @@ import torch
 import vitprune as vp
 from vitprune.checkpoint import write_json, write_text
 from vitprune.export import OPTIMIZERS, export_onnx, onnx_session
+from vitprune.layers import make_prunable
 from vitprune.registry import DECOMPOSITIONS
 from vitprune.speed import (
     RUNTIMES,
@@ -211,6 +212,17 @@ def profile_rows(dense: torch.nn.Module, pruned: torch.nn.Module, shape: tuple[i
     return [{"operator": op, "dense_ms": t.get("dense", 0.0), "pruned_ms": t.get("pruned", 0.0)} for op, t in ranked]
 
 
+def default_model_profile(p: vp.Params) -> list[dict[str, Any]]:
+    """Where the default model's time goes at the largest bench batch: dense against pruned at the set's largest
+    ratio (random gates: the shapes, not the weights, set the speed), both through vitprune's attention, as notebook
+    09 times them."""
+    dense = make_prunable(default_model(p)).eval()
+    gated = random_gated(copy.deepcopy(dense), p.sparse.sites)
+    plan = vp.plan_pruning(gated, vp.importance_scores(gated), max(p.prune.ratios), scope=p.prune.scope)
+    size = p.data.image_size
+    return profile_rows(dense, vp.prune(gated, plan).eval(), (max(p.bench.batch_sizes), 1, size, size), top=10)
+
+
 def algorithm_rows(repeats: int = 3) -> list[dict[str, Any]]:
     """Each registered QR and LU algorithm (a full factorization) on DeiT-B's layer shapes, as a ratio to LAPACK's QR
     (and SVD for reference); an algorithm slower than a second is timed once."""
@@ -311,6 +323,8 @@ def run(out: Path, params_file: Path = ROOT / "params" / "default.yaml", quick: 
                                                       rounds, repeats)
         results["export_deit_small"] = export_rows({"dense": deit["dense"], "vitprune_40": deit["source"]})
         results["profile_deit_small_pruned_40"] = profile_rows(deit["dense"], deit["source"], (8, *SHAPE[1:]))
+        results["profile_default_pruned"] = {"ratio": max(p.prune.ratios), "batch": max(p.bench.batch_sizes),
+                                             "rows": default_model_profile(p)}
         results["break_even"] = break_even_rows(8 * tokens_per_image(deit["dense"]))
         results["width_costs_deit_small"] = width_rows(deit["dense"])
         results["algorithms_deit_b"] = algorithm_rows(repeats=1 if quick else 3)

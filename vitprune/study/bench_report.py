@@ -15,6 +15,8 @@ from vitprune.study.stats import EQUIVALENT, HOLDS, speed_claim
 GOALS = {("pruned", "torch"): 0.9, ("pruned", "onnxruntime"): 0.85, ("factorized", "torch"): 0.85,
          ("factorized", "onnxruntime"): 0.85}
 SPEED_MARGIN = 0.05  # as the study's findings.speed_margin: speed-ups inside 1 ± 5 % are the same speed
+# the explicit attention path's operators (short sequences, batched inference): their cost is set by tokens and heads
+ATTENTION_OPERATORS = ("aten::bmm", "aten::_softmax")
 MKL_BUDGET = 1.3  # the slow-down vendor-independent floats may cost before the pipeline adopts them (issue 20)
 
 
@@ -132,8 +134,24 @@ def readme_summary(r: dict[str, Any]) -> str:
              "speed-up of vitprune's model over Torch-Pruning's, paired over the interleaved rounds):", "",
              markdown_table(peers),
              "Where the time goes in the 40 %-pruned DeiT-S (torch.profiler, self CPU ms per batch-8 forward):", "",
-             markdown_table(pd.DataFrame(r["profile_deit_small_pruned_40"]).round(2))]
+             markdown_table(pd.DataFrame(r["profile_deit_small_pruned_40"]).round(2)), *default_profile_lines(r)]
     return "\n".join(lines)
+
+
+def default_profile_lines(r: dict[str, Any]) -> list[str]:
+    """The default model's profile, dense against pruned, with what its attention costs in each (empty in a results
+    file from before it was measured)."""
+    if "profile_default_pruned" not in r:
+        return []
+    prof = r["profile_default_pruned"]
+    rows = pd.DataFrame(prof["rows"])
+    attention = rows[rows.operator.isin(ATTENTION_OPERATORS)]
+    share = attention.pruned_ms.sum() / rows.pruned_ms.sum()
+    return [f"Where the time goes in the default model, dense against pruned {100 * prof['ratio']:.0f} % (random "
+            f"gates, vitprune's attention, torch.profiler, self CPU ms per batch-{prof['batch']} forward; the "
+            f"attention operators, {', '.join(f'`{op}`' for op in ATTENTION_OPERATORS)}, take "
+            f"{100 * share:.0f} % of the pruned model's listed time, whatever its head widths):", "",
+            markdown_table(rows.round(3))]
 
 
 def summary_markdown(r: dict[str, Any]) -> str:
@@ -170,7 +188,8 @@ def summary_markdown(r: dict[str, Any]) -> str:
               "", "## Break-even rank per layer shape (two matmuls faster than one below it)", "",
               markdown_table(pd.DataFrame(r["break_even"]).round(3)),
               "", "## Where the time goes: pruned 40 % DeiT-S, batch 8 (torch.profiler, self CPU ms per forward)", "",
-              markdown_table(pd.DataFrame(r["profile_deit_small_pruned_40"]).round(2))]
+              markdown_table(pd.DataFrame(r["profile_deit_small_pruned_40"]).round(2)), "",
+              *default_profile_lines(r)]
     algo = pd.DataFrame(r["algorithms_deit_b"]).pivot(index="algorithm", columns="shape", values="ratio_to_lapack")
     lines += ["", "## Algorithms on DeiT-B layer shapes: time / LAPACK QR", "",
               markdown_table(algo.round(1).reset_index())]
