@@ -150,8 +150,8 @@ def default_profile_lines(r: dict[str, Any]) -> list[str]:
     return [f"Where the time goes in the default model, dense against pruned {100 * prof['ratio']:.0f} % (random "
             f"gates, vitprune's attention, torch.profiler, self CPU ms per batch-{prof['batch']} forward; the "
             f"attention operators, {', '.join(f'`{op}`' for op in ATTENTION_OPERATORS)}, take "
-            f"{100 * share:.0f} % of the pruned model's listed time, whatever its head widths):", "",
-            markdown_table(rows.round(3))]
+            f"{attention.dense_ms.sum():.2f} ms in dense and {attention.pruned_ms.sum():.2f} ms pruned, "
+            f"{100 * share:.0f} % of the pruned model's listed time):", "", markdown_table(rows.round(3))]
 
 
 def summary_markdown(r: dict[str, Any]) -> str:
