@@ -278,9 +278,14 @@ def fast_width_multiple(in_features: int, around: int, tokens: int, threads: int
     as the best multiple's (`choose_width_multiple`). Cached per machine like `break_even_rank`; pass it to
     `plan_pruning(round_to=...)`. (Measured here: output widths off a multiple of 8 cost up to 1.6x more per column
     in PyTorch's GEMM on AVX2; the input width hardly matters.)"""
-    start = max(1, around - 16)
     return _measured_once(f"width|{runtime}|{in_features}x{around}|{tokens}|{threads}", runtime, lambda: (
-        choose_width_multiple(width_costs(in_features, range(start, start + 32), tokens, threads, rounds, runtime))))
+        choose_width_multiple(width_costs(in_features, width_window(around), tokens, threads, rounds, runtime))))
+
+
+def width_window(around: int) -> range:
+    """The 32 output widths `fast_width_multiple` times: from `around` - 16 (at least 1)."""
+    start = max(1, around - 16)
+    return range(start, start + 32)
 
 
 def width_costs(in_features: int, widths: Iterable[int], tokens: int, threads: int = 2, rounds: int = 5,
@@ -301,13 +306,18 @@ def choose_width_multiple(costs: dict[int, float], multiples: Iterable[int] = WI
     column than those of the best multiple; 1 when no multiple has a width among `costs`."""
     means = {}
     for m in multiples:
-        aligned = [cost for width, cost in costs.items() if width % m == 0]
+        aligned = aligned_costs(costs, m)
         if aligned:
             means[m] = sum(aligned) / len(aligned)
     if not means:
         return 1
     best = min(means.values())
     return min(m for m, cost in means.items() if cost <= best * (1 + tolerance))
+
+
+def aligned_costs(costs: dict[int, float], multiple: int) -> list[float]:
+    """The per-column costs of the widths in `costs` divisible by `multiple`."""
+    return [cost for width, cost in costs.items() if width % multiple == 0]
 
 
 class _Linear(nn.Module):

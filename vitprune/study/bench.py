@@ -42,6 +42,7 @@ from vitprune.registry import DECOMPOSITIONS
 from vitprune.speed import (
     RUNTIMES,
     WIDTH_MULTIPLES,
+    aligned_costs,
     break_even_rank,
     choose_width_multiple,
     interleaved_rounds,
@@ -51,6 +52,7 @@ from vitprune.speed import (
     tokens_per_image,
     torch_threads,
     width_costs,
+    width_window,
 )
 from vitprune.study.bench_report import goal_rows, readme_summary, summary_markdown
 from vitprune.study.peers import at_macs, peer_info, relative_output_change, torch_pruning_vit
@@ -154,11 +156,10 @@ def width_rows(dense: torch.nn.Module) -> list[dict[str, Any]]:
     centre = _width_centre(dense)
     rows = []
     for runtime in RUNTIMES:
-        costs = width_costs(dense.embed_dim, range(centre - 16, centre + 16), 8 * tokens_per_image(dense),
-                            runtime=runtime)
+        costs = width_costs(dense.embed_dim, width_window(centre), 8 * tokens_per_image(dense), runtime=runtime)
         chosen = choose_width_multiple(costs)
         for m in WIDTH_MULTIPLES:
-            aligned = [cost for width, cost in costs.items() if width % m == 0]
+            aligned = aligned_costs(costs, m)
             rows.append({"runtime": runtime, "widths_divisible_by": m, "widths": len(aligned),
                          "us_per_output_column": 1000 * sum(aligned) / len(aligned), "chosen": m == chosen})
     return rows
