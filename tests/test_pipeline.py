@@ -18,7 +18,8 @@ from tests.conftest import ROOT, SMOKE, working_dir
 from vitprune.errors import ParamsError, RunLocked, StageFailed
 from vitprune.params import load_params
 from vitprune.registry import DECOMPOSITIONS
-from vitprune.study.pipeline import progress_line, reproduce, stage_hash
+from vitprune.study.cache import stage_hash
+from vitprune.study.pipeline import progress_line, reproduce
 from vitprune.study.records import read_record
 from vitprune.study.reporting import reproducible_columns
 from vitprune.study.stage import declared_view
@@ -229,6 +230,24 @@ def test_rerun_skips_unchanged_stages_and_forced_rerun_gives_identical_tables(sm
     assert accuracy == [f for f in findings_before if f.get("kind") != "speed"]  # the same, to the last digit
 
 
+def test_forcing_the_last_stages_reruns_them_alone_from_scratch_and_keeps_the_earlier_ones(smoke_run):
+    """--from 8 --force: 08 and 09 run again from scratch (the fine-tuning checkpoints are not resumed), the earlier
+    stages' models stay, and the tables come out the same; afterwards nothing is stale."""
+    root, _ = smoke_run
+    seed_dir = root / "runs" / "smoke" / "seed0"
+    dense, tuned = seed_dir / "dense.safetensors", seed_dir / "pruned_gates_40_ft.safetensors"
+    dense_written, tuned_written = dense.stat().st_mtime_ns, tuned.stat().st_mtime_ns
+    before = tables(root / "figures" / "smoke")
+    forced = run_again(root, start=8, force=True)["stages"]
+    assert list(forced) == ["08_finetuning", "09_comparison"] and all("seconds" in s for s in forced.values())
+    assert dense.stat().st_mtime_ns == dense_written  # stage 01's model kept, not retrained
+    assert tuned.stat().st_mtime_ns > tuned_written  # fine-tuned again, not published from the old checkpoint
+    after = tables(root / "figures" / "smoke")
+    for name in before:
+        pd.testing.assert_frame_equal(before[name], after[name], check_exact=True, obj=name)
+    assert all(s.get("skipped") for s in run_again(root)["stages"].values())
+
+
 def test_a_deleted_or_altered_output_or_figure_reruns_its_stage_even_after_a_cached_run(smoke_run):
     """Runs before the tests that edit the library or delete upstream files (those leave stages to re-run)."""
     root, _ = smoke_run
@@ -351,6 +370,49 @@ def test_one_run_per_set_a_second_is_refused_naming_the_holder(smoke_run):
     assert run_again(root, only=9)["stages"]["09_comparison"]
 
 
+def test_a_kernel_started_ahead_is_handed_over_unless_the_library_changed_meanwhile(tmp_path):
+    """Each stage's kernel is started while the stage before it runs; one started before a vitprune source file
+    changed has imported the old code, so a fresh kernel runs the stage instead."""
+    from vitprune.study.kernel import KernelsAhead, kernel_name
+
+    library = tmp_path / "vitprune"
+    library.mkdir()
+    (library / "module.py").write_text("x = 1\n")
+    kernels = KernelsAhead(kernel_name(), tmp_path, library)
+    try:
+        with kernels.taken(more=True) as first:
+            assert first.has_kernel
+        assert not first.has_kernel  # ended with its stage
+        ahead = kernels._ahead[0]
+        with kernels.taken(more=True) as second:
+            assert second is ahead and second.has_kernel
+        ahead = kernels._ahead[0]
+        (library / "module.py").write_text("x = 22\n")
+        with kernels.taken(more=False) as third:
+            assert third is not ahead and third.has_kernel and not ahead.has_kernel
+        assert kernels._ahead is None
+    finally:
+        kernels.close()
+
+
+def test_the_kernels_started_ahead_preload_what_the_notebooks_import():
+    import ast
+
+    imported = set()
+    for path in NOTEBOOKS:
+        source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+    code = ("import importlib, json, sys\nfrom vitprune.study.kernel import NOTEBOOK_IMPORTS\n"
+            "[importlib.import_module(m) for m in NOTEBOOK_IMPORTS]\nprint(json.dumps(sorted(sys.modules)))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert imported and imported <= set(loaded), sorted(imported - set(loaded))
+
+
 def test_the_kernels_progress_line_reaches_the_bar(tmp_path):
     from vitprune.progress import report
 
@@ -395,12 +457,13 @@ def test_smoke_flag_runs_every_parameter_set_at_full_size(params_file, tmp_path)
 def test_a_damaged_cache_record_runs_every_stage_and_force_removes_links_not_their_targets(tmp_path):
     """A truncated or foreign stages.json is no cache; --force unlinks a symlink in the run folder, never following
     it into the folder it points to."""
-    from vitprune.study.pipeline import _cache_state, clear_run
+    from vitprune.study.cache import cache_state
+    from vitprune.study.pipeline import clear_run
 
     state = tmp_path / "stages.json"
     for text in ('{"01_sparse_training": "ab', "[1, 2]", '{"01_sparse_training": 5}', ""):
         state.write_text(text)
-        assert _cache_state(state) == {}
+        assert cache_state(state) == {}
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("mine")

@@ -122,3 +122,13 @@ def test_the_bench_profiles_the_default_model_and_names_its_attention_share():
                                                                           "rows": list(rows.values())}})
     assert "pruned 60 %" in lines[0] and "batch-64" in lines[0] and lines[2].startswith("| operator")
     assert bench_report.default_profile_lines({}) == []  # a results file from before: nothing claimed
+
+
+def test_the_bench_sets_the_pipeline_time_against_its_ten_minute_goal():
+    from vitprune.study.bench_report import PIPELINE_SECONDS, pipeline_goal
+
+    [fast] = pipeline_goal({"total_seconds": PIPELINE_SECONDS - 10, "stages": {}})
+    [slow] = pipeline_goal({"total_seconds": PIPELINE_SECONDS + 11.4, "stages": {}, "carried_over": True})
+    [none] = pipeline_goal(None)
+    assert fast["verdict"] == "hit" and slow["verdict"] == "missed by 11 s" and "carried over" in slow["measured"]
+    assert none["verdict"] == "not measured" and "make reproduce" in none["target"]

@@ -10,7 +10,7 @@ import torch
 from tests.conftest import SMOKE
 from vitprune.errors import ParamsError
 from vitprune.params import load_params
-from vitprune.study.workers import default_workers, run_jobs
+from vitprune.study.workers import default_workers, run_jobs, start_method
 
 
 def train_a_little(seed: int) -> list[float]:
@@ -38,6 +38,23 @@ def test_pooled_jobs_give_exactly_the_inline_numbers_in_job_order():
     inline = run_jobs(train_a_little, jobs, workers=1, threads=1)
     pooled = run_jobs(train_a_little, jobs, workers=2, threads=1)
     assert pooled == inline and inline[0] != inline[1]
+
+
+def test_workers_forked_from_a_busy_parent_still_give_the_inline_numbers():
+    """On Linux the workers are forked (they start with the parent's imports); a parent that has run two-thread
+    operations and drawn random numbers passes neither its threads nor its random state on to their jobs."""
+    import sys
+
+    assert start_method() == ("fork" if sys.platform == "linux" else "spawn")
+    jobs = [(0,), (1,), (2,)]
+    inline = run_jobs(train_a_little, jobs, workers=1, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.rand(512, 512) @ torch.rand(512, 512)
+        assert run_jobs(train_a_little, jobs, workers=2, threads=1) == inline
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_failing_job_raises_its_own_error():

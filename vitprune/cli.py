@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params_file", help="params/<set>.yaml")
     p.add_argument("--only", type=int, help="run only stage N")
     p.add_argument("--from", dest="start", type=int, help="start at stage N")
-    p.add_argument("--force", action="store_true", help="re-run stages even if unchanged")
+    p.add_argument("--force", action="store_true",
+                   help="re-run from scratch, checkpoints included: every stage, or with --only/--from those alone")
     p.add_argument("--smoke", action="store_true", help="synthetic data, full architecture, a couple of steps")
     p.add_argument("--seeds", type=_seed_list, metavar="S[,S...]",
                    help="run these seeds instead of the set's (e.g. --seeds 0 for a quick single-seed run)")

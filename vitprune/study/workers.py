@@ -5,11 +5,15 @@ epoch 1.3x faster than one, two processes run two epochs in the time of one); so
 its per-seed and per-variant jobs in separate processes with a fixed number of torch threads each.
 The thread count is fixed by the parameter set, never by how many jobs happen to run, so a job's
 numbers are the same whether it ran alone, in a pool, or inline.
+
+On Linux the workers are forked from the notebook's kernel, which has imported torch, timm and the stage's
+modules already; spawned workers import them again (4–5 s a process, in every stage).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -74,11 +78,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def start_method() -> str:
+    """How pool workers start: forked where that is safe (Linux, and CUDA not initialised in this process), so
+    they begin with this process's imports; spawned elsewhere."""
+    import torch
+
+    return "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
+
+
 def _start_worker(threads: int | None, plugins: Sequence[str] = (), pool: bool = False) -> None:
     import torch
 
     if pool:
         die_with_parent()
+        # a worker forked from a Jupyter kernel writes where a spawned one does: to the process's own streams,
+        # not through the kernel's sockets into the notebook
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
     if threads:
         torch.set_num_threads(threads)
@@ -88,8 +103,8 @@ def _start_worker(threads: int | None, plugins: Sequence[str] = (), pool: bool =
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, threads: int | None,
              label: str = "jobs", on_done: Callable[[int, int], None] | None = None,
              plugins: Sequence[str] = ()) -> list[Any]:
-    """fn(*job) for every job, in `workers` spawned processes with `threads` torch threads each (inline when one
-    worker or one job; fewer than two rounds of jobs all start at once); results in job order. The first job to
+    """fn(*job) for every job, in `workers` processes (`start_method`) with `threads` torch threads each (inline
+    when one worker or one job; fewer than two rounds of jobs all start at once); results in job order. The first job to
     fail (in time) has its error raised as it was raised in the job; jobs not started yet are cancelled. Each
     process imports `plugins` first."""
     if workers <= 1 or len(jobs) <= 1:
@@ -102,7 +117,8 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, thread
         return results
     if len(jobs) < 2 * workers:  # one round, cores shared, rather than a second round on one core while others idle
         workers = min(len(jobs), worker_limit(threads)[0])
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"), initializer=_start_worker,
+    context = get_context(start_method())
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
                              initargs=(threads, tuple(plugins), True)) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         pending, finished = set(futures), 0
