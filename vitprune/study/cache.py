@@ -153,6 +153,12 @@ def _signature(path: Path) -> tuple[int, int, int]:
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
+def library_signature(library: Path) -> tuple:
+    """(module, size, mtime, inode) of every vitprune source file at `library`: whether any changed since, without
+    reading them (a kernel started ahead of its stage has imported them)."""
+    return tuple(sorted((name, *_signature(path)) for name, path in package_modules(library).items()))
+
+
 @functools.lru_cache(maxsize=4096)
 def _content_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     """file_digest, read once per version of a file: several stages check the same upstream files."""

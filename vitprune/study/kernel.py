@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vitprune.study.cache import library_signature
 from vitprune.study.workers import die_with_parent
 
 PRELOAD = "VITPRUNE_KERNEL_PRELOAD"  # set for the kernels `KernelsAhead` starts
@@ -46,11 +47,6 @@ def kernel_name() -> str:
     return name
 
 
-def sources_signature(library: Path) -> tuple:
-    """(path, size, mtime) of every vitprune source file: what a kernel started ahead has imported."""
-    return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in library.rglob("*.py")))
-
-
 class KernelsAhead:
     """Started kernels for `vitprune reproduce`'s stages: `taken` hands over one that was started while the previous
     stage ran, and starts the next. A kernel started before a vitprune source file changed is not handed over
@@ -64,7 +60,7 @@ class KernelsAhead:
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
-        signature = sources_signature(self.library)
+        signature = library_signature(self.library)
         manager = AsyncKernelManager(kernel_name=self.name)
         run_sync(manager.start_kernel)(cwd=str(self.cwd), env={**os.environ, PRELOAD: "1"})
         return manager, signature
@@ -75,7 +71,7 @@ class KernelsAhead:
         kernel is started now if `more`."""
         manager, signature = self._ahead or self._start()
         self._ahead = None
-        if signature != sources_signature(self.library):
+        if signature != library_signature(self.library):
             _stop(manager)
             manager, _ = self._start()
         if more:
