@@ -83,6 +83,38 @@ def test_widths_rounded_to_a_kernel_multiple_stay_exact(arch):
         assert len(kept) // heads % 4 == 0 or len(kept) == plan.sizes[(b, site)]  # per head for head-grouped sites
 
 
+def test_pruned_inference_over_the_whole_residual_stream_is_the_gathered_function(arch, monkeypatch):
+    """Without gradients a narrow model's input-pruned layers multiply the whole residual stream by their weight with
+    zero columns (`layers.PAD_INPUT_WIDTH`); with gradients, or wider than that, they gather the kept features. Both
+    are the gated model with the plan's drops zeroed; the full-width weight follows in-place weight changes and is
+    neither saved nor counted."""
+    model, x, qk_norm = arch
+    gated(model, qk_norm)
+    plan = vp.plan_pruning(model, vp.importance_scores(model), 0.4)
+    small = vp.prune(model, plan)
+    keys, params = set(small.state_dict()), vp.count_params(small)
+    gathered = small(x)  # gradients on: the compact weights take them
+    gathered.sum().backward()
+    assert small.blocks[0].attn.qkv.weight.grad is not None
+    with torch.inference_mode():
+        whole = small(x)
+    layer = small.blocks[0].mlp.fc1
+    assert "_full_width_weight" in layer.__dict__  # the whole-stream path ran
+    assert (whole - gathered).abs().max() <= TOL
+    assert (whole - vp.zero_dropped(model, plan)(x)).abs().max() <= TOL
+    assert set(small.state_dict()) == keys and vp.count_params(small) == params
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # an in-place change: the full-width weight is rebuilt
+        after, (_, full) = small(x), layer.__dict__["_full_width_weight"]
+    assert torch.equal(full[:, small.blocks[0].mlp.in_index], layer.weight)
+    monkeypatch.setattr(vp.layers, "PAD_INPUT_WIDTH", 0)  # a wide model: the gather under no_grad too
+    wide = vp.prune(model, plan)
+    with torch.no_grad():
+        assert (wide(x) - gathered).abs().max() <= TOL
+    assert not any("_full_width_weight" in m.__dict__ for m in wide.modules())
+    assert not torch.equal(after, whole)
+
+
 def test_pruned_model_round_trips_and_reprunes(tmp_path):
     model, x, _ = make_arch("deit_distilled")
     gated(model, False)

@@ -52,10 +52,10 @@ def torch_threads(n: int | None):
 
 
 def torch_runner(model: nn.Module, x: torch.Tensor) -> Runner:
-    """A call of the model's eval-mode forward on `x` (synchronised on CUDA)."""
+    """A call of the model's eval-mode forward on `x` under inference mode, as deployed (synchronised on CUDA)."""
     model.eval()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run():
         out = model(x)
         if x.is_cuda:

@@ -201,7 +201,7 @@ def profile_rows(dense: torch.nn.Module, pruned: torch.nn.Module, shape: tuple[i
 
     x = torch.randn(shape)
     totals: dict[str, dict[str, float]] = {}
-    with torch_threads(2), torch.no_grad():
+    with torch_threads(2), torch.inference_mode():  # as `speed.torch_runner` times them
         for label, model in (("dense", dense), ("pruned", pruned)):
             model(x)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
