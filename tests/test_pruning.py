@@ -103,6 +103,12 @@ def test_pruned_inference_over_the_whole_residual_stream_is_the_gathered_functio
     assert (whole - gathered).abs().max() <= TOL
     assert (whole - vp.zero_dropped(model, plan)(x)).abs().max() <= TOL
     assert set(small.state_dict()) == keys and vp.count_params(small) == params
+    seen = []  # a hooked layer runs as itself on its kept features (MAC counts, calibration statistics)
+    handle = layer.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0].shape[-1]))
+    with torch.no_grad():
+        small(x)
+    handle.remove()
+    assert seen == [layer.in_features] and layer.in_features < small.blocks[0].norm2.normalized_shape[0]
     with torch.no_grad():
         layer.weight.mul_(-2.0)  # an in-place change: the full-width weight is rebuilt
         after, (_, full) = small(x), layer.__dict__["_full_width_weight"]

@@ -75,10 +75,18 @@ def input_pruned_linear(layer: nn.Module, x: torch.Tensor, index: torch.Tensor |
 
 def _pads_input(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `layer` takes the whole residual stream (see PAD_INPUT_WIDTH): a plain linear layer, no gradients
-    to carry back to its compact weight, not being traced for export or compilation (those keep the gather)."""
+    to carry back to its compact weight, no forward hook that expects to see it run on its own inputs (MAC counts,
+    calibration statistics), not being traced for export or compilation (those keep the gather)."""
     return (x.shape[-1] <= PAD_INPUT_WIDTH and isinstance(layer, nn.Linear) and not torch.is_grad_enabled()
-            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+            and not _hooked(layer) and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """Whether a forward hook would see `layer` run: its own or a global one."""
+    hooks = nn.modules.module
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
 
 
 def _full_width_weight(layer: nn.Linear, index: torch.Tensor, width: int) -> torch.Tensor:

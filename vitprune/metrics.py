@@ -60,9 +60,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
 
     Counted by forward hooks on the modules themselves, so pruned and factorized layers count as
     what they really are; norms, activations and softmax are not counted (as in the DeiT/VTP tables).
-    The pass runs with gradients on, so an input-pruned layer runs as itself on its kept features (without them, a
-    narrow model multiplies the whole residual stream by zero-padded weights, `layers.PAD_INPUT_WIDTH`: the same
-    function, counted here at the pruned width as the papers count it).
     """
     if gate_parameters(model):  # gated layers call F.linear on scaled weights; count the folded twin
         model = fold_gates(copy.deepcopy(model))
@@ -95,8 +92,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
     model.eval()
     try:
         param = next(model.parameters())
-        with torch.enable_grad():
-            model(torch.zeros(input_shape, dtype=param.dtype, device=param.device))
+        model(torch.zeros(input_shape, dtype=param.dtype, device=param.device))
     finally:
         for h in hooks:
             h.remove()
