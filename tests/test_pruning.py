@@ -111,7 +111,7 @@ def test_pruned_inference_over_the_whole_residual_stream_is_the_gathered_functio
     assert seen == [layer.in_features] and layer.in_features < small.blocks[0].norm2.normalized_shape[0]
     with torch.no_grad():
         layer.weight.mul_(-2.0)  # an in-place change: the full-width weight is rebuilt
-        after, (_, full) = small(x), layer.__dict__["_full_width_weight"]
+        after, full = small(x), layer.__dict__["_full_width_weight"][-1]
     assert torch.equal(full[:, small.blocks[0].mlp.in_index], layer.weight) and not torch.equal(after, whole)
     monkeypatch.setattr(vp.layers, "PAD_INPUT_WIDTH", 0)  # a wide model: the gather under no_grad too
     wide = vp.prune(model, plan)

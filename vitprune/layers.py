@@ -91,15 +91,17 @@ def _hooked(layer: nn.Module) -> bool:
 
 def _full_width_weight(layer: nn.Linear, index: torch.Tensor, width: int) -> torch.Tensor:
     """layer.weight with zero columns inserted where input dims were pruned (width columns), built once per weight
-    version and kept on the layer as a plain attribute: not a parameter or buffer, so never saved or counted."""
+    version and kept on the layer as a plain attribute: not a parameter or buffer, so never saved or counted. The
+    entry holds the weight and index it was built from (compared by identity, so a new tensor at a reused address
+    cannot match) with their versions and storage (an in-place change or `.data` swap rebuilds it)."""
     weight = layer.weight
-    key = (weight.data_ptr(), weight._version, index.data_ptr(), index._version, width, weight.dtype)
+    state = (weight._version, weight.data_ptr(), index._version, index.data_ptr(), width)
     cached = layer.__dict__.get("_full_width_weight")
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] is not weight or cached[1] is not index or cached[2] != state:
         full = weight.new_zeros(weight.shape[0], width)
         full[:, index] = weight
-        cached = layer.__dict__["_full_width_weight"] = (key, full)
-    return cached[1]
+        cached = layer.__dict__["_full_width_weight"] = (weight, index, state, full)
+    return cached[-1]
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
